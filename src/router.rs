@@ -1,0 +1,81 @@
+//! Route tables and the middleware stack, composed in one place.
+//!
+//! Outermost first, each layer sees what the ones before it set up:
+//! request id → request log → panic catcher → request timeout → body limit → client auth
+//! → handler. Rate limits and quotas are part of the generation pipeline, after auth.
+
+use std::any::Any;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::{Next, from_fn, from_fn_with_state};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+
+use crate::api::{self, admin, images, models};
+use crate::app::AppState;
+use crate::error::ApiError;
+use crate::telemetry::http::{log_request, request_id};
+
+/// The public, OpenAI-compatible listener. Every route requires a client key.
+pub fn public(state: AppState) -> Router {
+    let max_body = state.config.server.max_body_bytes;
+    Router::new()
+        .route("/v1/images/generations", post(images::create_generation))
+        .route("/v1/models", get(models::list_models))
+        // Only matched routes authenticate: unknown paths answer 404 without revealing more.
+        .route_layer(from_fn_with_state(state.clone(), api::require_client))
+        .fallback(api::route_not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .layer(
+            ServiceBuilder::new()
+                // First, so the log line, errors and the response all carry the same id.
+                .layer(from_fn(request_id))
+                // Outside the panic catcher and the timeout, so those requests are logged too.
+                .layer(from_fn(log_request))
+                // A handler panic becomes an OpenAI-shaped 500 instead of a dropped connection.
+                .layer(CatchPanicLayer::custom(panic_response))
+                // The whole request, including the upstream call; answers 504, never 408
+                // (which SDKs retry blindly).
+                .layer(from_fn_with_state(state.clone(), request_timeout))
+                // Read by the body extractor, which turns an overrun into a JSON 413.
+                .layer(DefaultBodyLimit::max(max_body)),
+        )
+        .with_state(state)
+}
+
+/// The admin listener: health and readiness (metrics and /admin join it later).
+pub fn admin(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(admin::healthz))
+        .route("/readyz", get(admin::readyz))
+        .fallback(api::route_not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .layer(
+            ServiceBuilder::new()
+                .layer(from_fn(request_id))
+                .layer(CatchPanicLayer::custom(panic_response)),
+        )
+        .with_state(state)
+}
+
+async fn request_timeout(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let limit = Duration::from_secs(state.config.server.request_timeout_secs);
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::request_timeout().into_response(),
+    }
+}
+
+fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
+    let detail = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    tracing::error!(panic = %detail, "handler panicked");
+    ApiError::internal().into_response()
+}
