@@ -68,7 +68,9 @@ impl App {
             models: Models::from_config(&config),
             upstreams,
             admin_token: secrets.admin_token,
-            started_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            started_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
             draining: AtomicBool::new(false),
             config,
         });
@@ -77,19 +79,37 @@ impl App {
         }
         let public = TcpListener::bind(state.config.server.listen)
             .await
-            .with_context(|| format!("cannot listen on server.listen {}", state.config.server.listen))?;
+            .with_context(|| {
+                format!(
+                    "cannot listen on server.listen {}",
+                    state.config.server.listen
+                )
+            })?;
         let admin = TcpListener::bind(state.config.server.admin_listen)
             .await
-            .with_context(|| format!("cannot listen on server.admin_listen {}", state.config.server.admin_listen))?;
-        Ok(App { state, public, admin })
+            .with_context(|| {
+                format!(
+                    "cannot listen on server.admin_listen {}",
+                    state.config.server.admin_listen
+                )
+            })?;
+        Ok(App {
+            state,
+            public,
+            admin,
+        })
     }
 
     pub fn public_addr(&self) -> SocketAddr {
-        self.public.local_addr().unwrap_or(self.state.config.server.listen)
+        self.public
+            .local_addr()
+            .unwrap_or(self.state.config.server.listen)
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin.local_addr().unwrap_or(self.state.config.server.admin_listen)
+        self.admin
+            .local_addr()
+            .unwrap_or(self.state.config.server.admin_listen)
     }
 
     pub fn state(&self) -> &AppState {
@@ -131,7 +151,10 @@ impl App {
             }
         }
         self.state.draining.store(true, Ordering::Release);
-        tracing::info!(grace_secs = grace.as_secs(), "shutting down: draining in-flight requests");
+        tracing::info!(
+            grace_secs = grace.as_secs(),
+            "shutting down: draining in-flight requests"
+        );
         stop_public.cancel();
         let _ = public.await;
         stop_admin.cancel();
@@ -143,7 +166,13 @@ impl App {
 
 /// Accepts connections on `listener` until `stop`, then gives open connections `grace` to
 /// finish their requests before they are dropped.
-async fn serve(listener: TcpListener, router: Router, header_timeout: Duration, stop: CancellationToken, grace: Duration) {
+async fn serve(
+    listener: TcpListener,
+    router: Router,
+    header_timeout: Duration,
+    stop: CancellationToken,
+    grace: Duration,
+) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -178,8 +207,14 @@ async fn serve(listener: TcpListener, router: Router, header_timeout: Duration, 
         while connections.try_join_next().is_some() {}
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!(open = connections.len(), "grace period over: closing remaining connections");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = connections.len(),
+            "grace period over: closing remaining connections"
+        );
     }
     connections.abort_all();
 }

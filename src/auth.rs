@@ -75,8 +75,7 @@ impl ClientKeys {
         for c in &config.clients {
             let client = Arc::new(Client {
                 id: ClientId(Arc::from(c.id.as_str())),
-                allowed_models: (!c.models.is_empty())
-                    .then(|| c.models.iter().cloned().collect()),
+                allowed_models: (!c.models.is_empty()).then(|| c.models.iter().cloned().collect()),
                 limits: c.limits(&config.client_defaults),
             });
             for hex_digest in c.key_sha256.iter() {
@@ -90,8 +89,13 @@ impl ClientKeys {
     }
 
     /// Authenticates an `Authorization` header value.
-    pub fn authenticate(&self, authorization: Option<&[u8]>) -> Result<AuthenticatedClient, ApiError> {
-        let key = authorization.and_then(bearer_token).ok_or_else(ApiError::invalid_api_key)?;
+    pub fn authenticate(
+        &self,
+        authorization: Option<&[u8]>,
+    ) -> Result<AuthenticatedClient, ApiError> {
+        let key = authorization
+            .and_then(bearer_token)
+            .ok_or_else(ApiError::invalid_api_key)?;
         let digest: KeyDigest = Sha256::digest(key).into();
         match self.by_digest.get_key_value(&digest) {
             Some((stored, client)) if bool::from(stored.ct_eq(&digest)) => {
@@ -143,7 +147,9 @@ mod tests {
         let mut a = ClientConfig::new("team-a", &key_digest_hex("sk-a"));
         a.models = vec!["m1".into()];
         config.clients.push(a);
-        config.clients.push(ClientConfig::new("team-b", &key_digest_hex("sk-b")));
+        config
+            .clients
+            .push(ClientConfig::new("team-b", &key_digest_hex("sk-b")));
         ClientKeys::from_config(&config)
     }
 
@@ -160,7 +166,13 @@ mod tests {
     #[test]
     fn missing_basic_and_unknown_keys_are_refused() {
         let keys = keys();
-        for header in [None, Some(&b"Basic c2stYQ=="[..]), Some(b"Bearer sk-zzz"), Some(b"Bearer "), Some(b"sk-a")] {
+        for header in [
+            None,
+            Some(&b"Basic c2stYQ=="[..]),
+            Some(b"Bearer sk-zzz"),
+            Some(b"Bearer "),
+            Some(b"sk-a"),
+        ] {
             let err = keys.authenticate(header).unwrap_err();
             assert_eq!(err.code(), Some("invalid_api_key"));
         }

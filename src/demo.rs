@@ -7,7 +7,8 @@ use std::time::Duration;
 use crate::app::App;
 use crate::auth::key_digest_hex;
 use crate::config::{
-    ClientConfig, Config, Env, LogFormat, ModelConfig, StorageBackend, UpstreamConfig, UpstreamKeyConfig,
+    ClientConfig, Config, Env, LogFormat, ModelConfig, StorageBackend, UpstreamConfig,
+    UpstreamKeyConfig,
 };
 use crate::mock_upstream::{MockOptions, MockUpstream};
 
@@ -21,7 +22,11 @@ const UPSTREAM_KEY_VAR: &str = "IMAGEGATE_DEMO_UPSTREAM_KEY";
 const ADMIN_TOKEN_VAR: &str = "IMAGEGATE_DEMO_ADMIN_TOKEN";
 
 /// The demo's config and the env holding its secrets, for an upstream at `upstream_base_url`.
-pub fn config(upstream_base_url: &str, listen: SocketAddr, admin_listen: SocketAddr) -> (Config, Env) {
+pub fn config(
+    upstream_base_url: &str,
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+) -> (Config, Env) {
     let mut config = Config::default();
     config.server.listen = listen;
     config.server.admin_listen = admin_listen;
@@ -46,11 +51,16 @@ pub fn config(upstream_base_url: &str, listen: SocketAddr, admin_listen: SocketA
         }],
     });
     config.models.push(ModelConfig::new(DEMO_MODEL, &["mock"]));
-    config.clients.push(ClientConfig::new("demo", &key_digest_hex(DEMO_CLIENT_KEY)));
+    config
+        .clients
+        .push(ClientConfig::new("demo", &key_digest_hex(DEMO_CLIENT_KEY)));
     // The mock's "real" key is random per run: it exists only to show that the client never
     // sees or sends it.
     let upstream_key = format!("sk-upstream-{}", hex::encode(rand::random::<[u8; 16]>()));
-    let env = Env::from_pairs([(UPSTREAM_KEY_VAR, upstream_key.as_str()), (ADMIN_TOKEN_VAR, DEMO_ADMIN_TOKEN)]);
+    let env = Env::from_pairs([
+        (UPSTREAM_KEY_VAR, upstream_key.as_str()),
+        (ADMIN_TOKEN_VAR, DEMO_ADMIN_TOKEN),
+    ]);
     (config, env)
 }
 

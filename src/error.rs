@@ -55,7 +55,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, error_type: ErrorType, message: impl Into<Cow<'static, str>>) -> Self {
+    fn new(
+        status: StatusCode,
+        error_type: ErrorType,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
         ApiError {
             status,
             error_type,
@@ -132,8 +136,12 @@ impl ApiError {
     }
 
     pub fn route_not_found() -> Self {
-        ApiError::new(StatusCode::NOT_FOUND, ErrorType::InvalidRequest, "Unknown route.")
-            .with_code("not_found")
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorType::InvalidRequest,
+            "Unknown route.",
+        )
+        .with_code("not_found")
     }
 
     pub fn method_not_allowed() -> Self {
@@ -240,7 +248,10 @@ impl IntoResponse for ApiError {
             .unwrap_or_else(|_| br#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#.to_vec());
         let mut response = (self.status, body).into_response();
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if self.status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }

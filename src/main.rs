@@ -1,5 +1,8 @@
 //! The `imagegate` binary: argument parsing and exit codes. Everything else is in the library.
-#![expect(clippy::print_stderr, reason = "the CLI reports errors to its user on stderr")]
+#![expect(
+    clippy::print_stderr,
+    reason = "the CLI reports errors to its user on stderr"
+)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,7 +34,12 @@ enum Command {
     /// config names. SIGTERM or Ctrl-C drains in-flight requests and exits.
     Serve {
         /// TOML config file (see config/imagegate.example.toml).
-        #[arg(long, short, env = "IMAGEGATE_CONFIG", default_value = "imagegate.toml")]
+        #[arg(
+            long,
+            short,
+            env = "IMAGEGATE_CONFIG",
+            default_value = "imagegate.toml"
+        )]
         config: PathBuf,
     },
     /// Run the gateway in front of a built-in mock upstream, with client key `sk-demo`.
@@ -50,7 +58,12 @@ enum Command {
     /// Secrets are never printed: each is listed with where it comes from and [set] or
     /// [missing]. A missing secret is an error.
     CheckConfig {
-        #[arg(long, short, env = "IMAGEGATE_CONFIG", default_value = "imagegate.toml")]
+        #[arg(
+            long,
+            short,
+            env = "IMAGEGATE_CONFIG",
+            default_value = "imagegate.toml"
+        )]
         config: PathBuf,
     },
     /// Print a new random client key and the `key_sha256` line for its [[clients]] entry.
@@ -81,7 +94,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -94,7 +110,10 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> ExitCode {
     match command {
         Command::Serve { config } => serve(&config).await,
-        Command::Demo { listen, admin_listen } => {
+        Command::Demo {
+            listen,
+            admin_listen,
+        } => {
             let log = LogConfig {
                 format: LogFormat::Pretty,
                 ..LogConfig::default()
@@ -114,7 +133,9 @@ async fn run(command: Command) -> ExitCode {
         Command::CheckConfig { config } => check_config(&config),
         Command::Keygen { client } => {
             let key = auth::generate_client_key();
-            println!("# client key for `{client}` (give this to the client; it is not stored anywhere):");
+            println!(
+                "# client key for `{client}` (give this to the client; it is not stored anywhere):"
+            );
             println!("{key}");
             println!();
             println!("# add to the config:");
@@ -128,7 +149,11 @@ async fn run(command: Command) -> ExitCode {
             latency_ms,
             image_divisor,
         } => {
-            let _ = telemetry::init_logging(&LogConfig::default(), std::io::stdout, stdout_is_terminal());
+            let _ = telemetry::init_logging(
+                &LogConfig::default(),
+                std::io::stdout,
+                stdout_is_terminal(),
+            );
             let options = MockOptions {
                 latency: Duration::from_millis(latency_ms),
                 image_divisor: image_divisor.max(1),
@@ -189,12 +214,16 @@ fn check_config(path: &std::path::Path) -> ExitCode {
     println!();
     println!("# secrets");
     let mut missing = 0;
-    for (what, set) in config.describe_secrets(&env) {
-        println!("# {what}: {}", if set { "[set]" } else { "[missing]" });
-        missing += usize::from(!set);
+    for secret in config.describe_secrets(&env) {
+        println!(
+            "# {}: {}",
+            secret.what,
+            if secret.set { "[set]" } else { "[missing]" }
+        );
+        missing += usize::from(secret.required && !secret.set);
     }
     if missing > 0 {
-        eprintln!("error: {missing} secret(s) missing");
+        eprintln!("error: {missing} required secret(s) missing");
         return ExitCode::from(2);
     }
     eprintln!("config OK: {}", path.display());

@@ -32,7 +32,11 @@ impl ModelRoute {
 
     /// Price of one image at `quality`, in budget units.
     pub fn price(&self, quality: &str) -> f64 {
-        self.rules.price_per_image.get(quality).copied().unwrap_or(0.0)
+        self.rules
+            .price_per_image
+            .get(quality)
+            .copied()
+            .unwrap_or(0.0)
     }
 }
 
@@ -136,7 +140,11 @@ const KNOWN_FIELDS: &[&str] = &[
 const MAX_USER_CHARS: usize = 256;
 
 /// Checks `body` against the model's rules and the client's rights.
-pub fn validate(body: &Map<String, Value>, models: &Models, client: &Client) -> Result<ValidRequest, ApiError> {
+pub fn validate(
+    body: &Map<String, Value>,
+    models: &Models,
+    client: &Client,
+) -> Result<ValidRequest, ApiError> {
     if let Some(unknown) = body.keys().find(|k| !KNOWN_FIELDS.contains(&k.as_str())) {
         let shown: String = unknown.chars().take(64).collect();
         return Err(ApiError::invalid_request(
@@ -148,7 +156,12 @@ pub fn validate(body: &Map<String, Value>, models: &Models, client: &Client) -> 
     let model_name = match body.get("model") {
         Some(Value::String(s)) if !s.is_empty() => s.as_str(),
         None | Some(Value::Null) => return Err(missing("model")),
-        Some(Value::String(_)) => return Err(ApiError::invalid_request("model must not be empty", Some("model"))),
+        Some(Value::String(_)) => {
+            return Err(ApiError::invalid_request(
+                "model must not be empty",
+                Some("model"),
+            ));
+        }
         Some(_) => return Err(wrong_type("model", "a string")),
     };
     let model = match models.get(model_name) {
@@ -163,7 +176,10 @@ pub fn validate(body: &Map<String, Value>, models: &Models, client: &Client) -> 
         Some(_) => return Err(wrong_type("prompt", "a string")),
     };
     if prompt.trim().is_empty() {
-        return Err(ApiError::invalid_request("prompt must not be empty", Some("prompt")));
+        return Err(ApiError::invalid_request(
+            "prompt must not be empty",
+            Some("prompt"),
+        ));
     }
     let chars = prompt.chars().count();
     if chars > rules.max_prompt_chars {
@@ -178,7 +194,15 @@ pub fn validate(body: &Map<String, Value>, models: &Models, client: &Client) -> 
 
     let size = one_of(body, "size", &rules.sizes, "1024x1024", &rules.name)?;
     let quality = one_of(body, "quality", &rules.qualities, "standard", &rules.name)?;
-    let response_format = match one_of(body, "response_format", &rules.response_formats, "url", &rules.name)?.as_str() {
+    let response_format = match one_of(
+        body,
+        "response_format",
+        &rules.response_formats,
+        "url",
+        &rules.name,
+    )?
+    .as_str()
+    {
         "b64_json" => ResponseFormat::B64Json,
         _ => ResponseFormat::Url,
     };
@@ -232,7 +256,9 @@ pub fn validate(body: &Map<String, Value>, models: &Models, client: &Client) -> 
     let moderation = optional_one_of(body, "moderation", &rules.moderations, &rules.name)?;
     let output_compression = match body.get("output_compression") {
         None | Some(Value::Null) => None,
-        Some(_) if rules.output_formats.is_empty() => return Err(unsupported("output_compression", &rules.name)),
+        Some(_) if rules.output_formats.is_empty() => {
+            return Err(unsupported("output_compression", &rules.name));
+        }
         Some(Value::Number(n)) => match n.as_u64() {
             Some(v) if v <= 100 => Some(v as u8),
             _ => {
@@ -264,15 +290,24 @@ pub fn validate(body: &Map<String, Value>, models: &Models, client: &Client) -> 
 }
 
 fn missing(field: &str) -> ApiError {
-    ApiError::invalid_request(format!("Missing required parameter: '{field}'."), Some(field))
+    ApiError::invalid_request(
+        format!("Missing required parameter: '{field}'."),
+        Some(field),
+    )
 }
 
 fn wrong_type(field: &str, expected: &str) -> ApiError {
-    ApiError::invalid_request(format!("Invalid type for '{field}': expected {expected}."), Some(field))
+    ApiError::invalid_request(
+        format!("Invalid type for '{field}': expected {expected}."),
+        Some(field),
+    )
 }
 
 fn unsupported(field: &str, model: &str) -> ApiError {
-    ApiError::invalid_request(format!("'{field}' is not supported for model {model}."), Some(field))
+    ApiError::invalid_request(
+        format!("'{field}' is not supported for model {model}."),
+        Some(field),
+    )
 }
 
 fn optional_bool(body: &Map<String, Value>, field: &str) -> Result<Option<bool>, ApiError> {
@@ -298,7 +333,10 @@ fn one_of(
             return Ok(if allowed.iter().any(|a| a == default) {
                 default.to_owned()
             } else {
-                allowed.first().cloned().unwrap_or_else(|| default.to_owned())
+                allowed
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| default.to_owned())
             });
         }
         Some(Value::String(s)) => s,
@@ -349,7 +387,10 @@ mod tests {
         let mut c = ClientConfig::new("c", &key_digest_hex("k"));
         c.models = vec!["img".into()];
         config.clients.push(c);
-        (Models::from_config(&config), ClientKeys::from_config(&config))
+        (
+            Models::from_config(&config),
+            ClientKeys::from_config(&config),
+        )
     }
 
     fn check(body: Value) -> Result<ValidRequest, ApiError> {
@@ -361,7 +402,10 @@ mod tests {
     #[test]
     fn defaults_are_filled_in() {
         let v = check(json!({"model": "img", "prompt": "cat", "size": null})).unwrap();
-        assert_eq!((v.size.as_str(), v.quality.as_str(), v.n), ("1024x1024", "standard", 1));
+        assert_eq!(
+            (v.size.as_str(), v.quality.as_str(), v.n),
+            ("1024x1024", "standard", 1)
+        );
         assert_eq!(v.response_format, ResponseFormat::Url);
         assert!(!v.is_async);
     }
@@ -375,11 +419,22 @@ mod tests {
 
     #[test]
     fn n_must_be_an_integer_in_range() {
-        for (n, _) in [(json!(0), ()), (json!(-1), ()), (json!(5), ()), (json!(2.5), ()), (json!("2"), ())] {
+        for (n, _) in [
+            (json!(0), ()),
+            (json!(-1), ()),
+            (json!(5), ()),
+            (json!(2.5), ()),
+            (json!("2"), ()),
+        ] {
             let err = check(json!({"model": "img", "prompt": "a", "n": n})).unwrap_err();
             assert_eq!(err.param(), Some("n"), "{n}");
         }
-        assert_eq!(check(json!({"model": "img", "prompt": "a", "n": 4})).unwrap().n, 4);
+        assert_eq!(
+            check(json!({"model": "img", "prompt": "a", "n": 4}))
+                .unwrap()
+                .n,
+            4
+        );
     }
 
     #[test]
@@ -391,23 +446,45 @@ mod tests {
 
     #[test]
     fn unknown_field_is_refused_by_name() {
-        let err = check(json!({"model": "img", "prompt": "a", "api_base": "http://evil"})).unwrap_err();
+        let err =
+            check(json!({"model": "img", "prompt": "a", "api_base": "http://evil"})).unwrap_err();
         assert_eq!(err.param(), Some("api_base"));
     }
 
     #[test]
     fn optional_openai_fields_follow_the_model_rules() {
         assert_eq!(
-            check(json!({"model": "img", "prompt": "a", "style": "vivid"})).unwrap().style.as_deref(),
+            check(json!({"model": "img", "prompt": "a", "style": "vivid"}))
+                .unwrap()
+                .style
+                .as_deref(),
             Some("vivid")
         );
-        assert_eq!(check(json!({"model": "img", "prompt": "a", "style": "natural"})).unwrap_err().param(), Some("style"));
-        assert_eq!(check(json!({"model": "img", "prompt": "a", "background": "transparent"})).unwrap_err().param(), Some("background"));
+        assert_eq!(
+            check(json!({"model": "img", "prompt": "a", "style": "natural"}))
+                .unwrap_err()
+                .param(),
+            Some("style")
+        );
+        assert_eq!(
+            check(json!({"model": "img", "prompt": "a", "background": "transparent"}))
+                .unwrap_err()
+                .param(),
+            Some("background")
+        );
     }
 
     #[test]
     fn stream_true_is_refused_but_false_is_fine() {
-        assert!(check(json!({"model": "img", "prompt": "a", "stream": false, "partial_images": 0})).is_ok());
-        assert_eq!(check(json!({"model": "img", "prompt": "a", "stream": true})).unwrap_err().param(), Some("stream"));
+        assert!(
+            check(json!({"model": "img", "prompt": "a", "stream": false, "partial_images": 0}))
+                .is_ok()
+        );
+        assert_eq!(
+            check(json!({"model": "img", "prompt": "a", "stream": true}))
+                .unwrap_err()
+                .param(),
+            Some("stream")
+        );
     }
 }

@@ -27,7 +27,10 @@ pub async fn create_generation(
             // The upstream's bytes go out as they came: no parse-and-reserialise of b64 images.
             let mut response = (StatusCode::OK, generated.body).into_response();
             let headers = response.headers_mut();
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             if let Some(id) = generated.upstream_request_id {
                 headers.insert("x-upstream-request-id", id);
             }

@@ -34,13 +34,15 @@ impl FromRequest<AppState> for JsonObject {
         if !is_json {
             return Err(ApiError::unsupported_media_type());
         }
-        let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
-            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::request_too_large(state.config.server.max_body_bytes)
-            } else {
-                ApiError::invalid_request("The request body could not be read.", None)
-            }
-        })?;
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::request_too_large(state.config.server.max_body_bytes)
+                } else {
+                    ApiError::invalid_request("The request body could not be read.", None)
+                }
+            })?;
         if bytes.trim_ascii().is_empty() {
             return Err(ApiError::invalid_request(
                 "The request body is empty; expected a JSON object.",
@@ -67,11 +69,17 @@ impl FromRequest<AppState> for JsonObject {
 
 /// Authenticates the client key before the handler (and before the body is read), and names
 /// the client in the request's log facts.
-pub async fn require_client(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    let client = match state
-        .clients
-        .authenticate(request.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()))
-    {
+pub async fn require_client(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let client = match state.clients.authenticate(
+        request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes()),
+    ) {
         Ok(client) => client,
         Err(e) => return e.into_response(),
     };

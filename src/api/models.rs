@@ -37,5 +37,8 @@ pub async fn list_models(
             owned_by: "imagegate",
         })
         .collect();
-    Json(ModelList { object: "list", data })
+    Json(ModelList {
+        object: "list",
+        data,
+    })
 }

@@ -92,7 +92,9 @@ impl ClientConfig {
     /// This client's effective limits: its own values over the defaults.
     pub fn limits(&self, defaults: &ClientLimits) -> ClientLimits {
         ClientLimits {
-            requests_per_minute: self.requests_per_minute.unwrap_or(defaults.requests_per_minute),
+            requests_per_minute: self
+                .requests_per_minute
+                .unwrap_or(defaults.requests_per_minute),
             images_per_minute: self.images_per_minute.unwrap_or(defaults.images_per_minute),
             max_concurrent: self.max_concurrent.unwrap_or(defaults.max_concurrent),
             images_per_day: self.images_per_day.unwrap_or(defaults.images_per_day),

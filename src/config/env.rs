@@ -37,7 +37,10 @@ impl Env {
         pairs: impl IntoIterator<Item = (K, V)>,
     ) -> Self {
         Env {
-            vars: pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
+            vars: pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
         }
     }
 
@@ -74,12 +77,18 @@ impl Env {
 fn parse_value(raw: &str) -> toml::Value {
     let doc = format!("v = {raw}");
     match doc.parse::<toml::Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_owned())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_owned())),
         Err(_) => toml::Value::String(raw.to_owned()),
     }
 }
 
-fn set_path(table: &mut toml::Table, segments: &[String], value: toml::Value) -> Result<(), String> {
+fn set_path(
+    table: &mut toml::Table,
+    segments: &[String],
+    value: toml::Value,
+) -> Result<(), String> {
     let (first, rest) = match segments.split_first() {
         Some(split) => split,
         None => return Err("empty path".into()),
@@ -94,7 +103,11 @@ fn set_path(table: &mut toml::Table, segments: &[String], value: toml::Value) ->
     set_in_value(entry, rest, value)
 }
 
-fn set_in_value(target: &mut toml::Value, segments: &[String], value: toml::Value) -> Result<(), String> {
+fn set_in_value(
+    target: &mut toml::Value,
+    segments: &[String],
+    value: toml::Value,
+) -> Result<(), String> {
     match target {
         toml::Value::Table(t) => set_path(t, segments, value),
         toml::Value::Array(items) => {
@@ -177,7 +190,10 @@ mod tests {
         env.apply_overrides(&mut table).unwrap();
         assert_eq!(table["server"]["listen"].as_str(), Some("0.0.0.0:8080"));
         assert_eq!(table["server"]["max_body_bytes"].as_integer(), Some(2048));
-        assert_eq!(table["upstreams"][0]["base_url"].as_str(), Some("http://y/v1"));
+        assert_eq!(
+            table["upstreams"][0]["base_url"].as_str(),
+            Some("http://y/v1")
+        );
     }
 
     #[test]
@@ -194,7 +210,9 @@ mod tests {
         let env = Env::from_pairs([("K", "sk-1")]);
         let s = resolve_secret(&env, Some("K"), None, "key k1").unwrap();
         assert_eq!(s.expose_secret(), "sk-1");
-        let err = resolve_secret(&env, Some("NOPE"), None, "key k1").unwrap_err().to_string();
+        let err = resolve_secret(&env, Some("NOPE"), None, "key k1")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("NOPE") && err.contains("key k1"), "{err}");
     }
 }

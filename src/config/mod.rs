@@ -69,6 +69,15 @@ fn invalid(path: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Whether one secret the config names can be resolved.
+#[derive(Debug)]
+pub struct SecretStatus {
+    pub what: String,
+    pub set: bool,
+    /// A missing required secret stops the gateway from starting.
+    pub required: bool,
+}
+
 /// The secrets a config names, resolved.
 pub struct Secrets {
     /// `upstream_keys[u][k]` is the key of `config.upstreams[u].keys[k]`.
@@ -93,10 +102,13 @@ impl Config {
             .parse()
             .map_err(|e: toml::de::Error| ConfigError::Syntax(e.to_string()))?;
         env.apply_overrides(&mut table)?;
-        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| {
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
                 let path = e.path().to_string();
-                invalid(if path == "." { String::new() } else { path }, e.into_inner().to_string())
+                invalid(
+                    if path == "." { String::new() } else { path },
+                    e.into_inner().to_string(),
+                )
             })?;
         config.validate()?;
         Ok(config)
@@ -107,7 +119,10 @@ impl Config {
         let s = &self.server;
         for (key, v) in [
             ("server.request_timeout_secs", s.request_timeout_secs),
-            ("server.header_read_timeout_secs", s.header_read_timeout_secs),
+            (
+                "server.header_read_timeout_secs",
+                s.header_read_timeout_secs,
+            ),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be at least 1"));
@@ -120,21 +135,33 @@ impl Config {
             return Err(invalid("tasks.workers", "must be at least 1"));
         }
         if self.cache.enabled && self.cache.ttl_secs == 0 {
-            return Err(invalid("cache.ttl_secs", "must be at least 1 when the cache is enabled"));
+            return Err(invalid(
+                "cache.ttl_secs",
+                "must be at least 1 when the cache is enabled",
+            ));
         }
         if self.upstreams.is_empty() {
-            return Err(invalid("upstreams", "at least one [[upstreams]] entry is required"));
+            return Err(invalid(
+                "upstreams",
+                "at least one [[upstreams]] entry is required",
+            ));
         }
         let mut names = HashSet::new();
         for (i, u) in self.upstreams.iter().enumerate() {
             let at = format!("upstreams[{i}]");
             if u.name.is_empty() || !names.insert(u.name.as_str()) {
-                return Err(invalid(format!("{at}.name"), format!("`{}` is empty or not unique", u.name)));
+                return Err(invalid(
+                    format!("{at}.name"),
+                    format!("`{}` is empty or not unique", u.name),
+                ));
             }
             let url = reqwest::Url::parse(&u.base_url)
                 .map_err(|e| invalid(format!("{at}.base_url"), e.to_string()))?;
             if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-                return Err(invalid(format!("{at}.base_url"), "must be an http(s) URL with a host"));
+                return Err(invalid(
+                    format!("{at}.base_url"),
+                    "must be an http(s) URL with a host",
+                ));
             }
             if !url.username().is_empty() || url.password().is_some() || url.query().is_some() {
                 return Err(invalid(
@@ -143,7 +170,10 @@ impl Config {
                 ));
             }
             if u.timeout_secs == 0 || u.connect_timeout_secs == 0 {
-                return Err(invalid(format!("{at}.timeout_secs"), "timeouts must be at least 1"));
+                return Err(invalid(
+                    format!("{at}.timeout_secs"),
+                    "timeouts must be at least 1",
+                ));
             }
             if u.timeout_secs >= s.request_timeout_secs {
                 return Err(invalid(
@@ -155,39 +185,63 @@ impl Config {
                 ));
             }
             if u.keys.is_empty() {
-                return Err(invalid(format!("{at}.keys"), "at least one [[upstreams.keys]] entry is required"));
+                return Err(invalid(
+                    format!("{at}.keys"),
+                    "at least one [[upstreams.keys]] entry is required",
+                ));
             }
             let mut ids = HashSet::new();
             for (k, key) in u.keys.iter().enumerate() {
                 let kat = format!("{at}.keys[{k}]");
                 if key.id.is_empty() || !ids.insert(key.id.as_str()) {
-                    return Err(invalid(format!("{kat}.id"), format!("`{}` is empty or not unique", key.id)));
+                    return Err(invalid(
+                        format!("{kat}.id"),
+                        format!("`{}` is empty or not unique", key.id),
+                    ));
                 }
                 if key.env.is_none() && key.file.is_none() {
-                    return Err(invalid(kat, "needs `env` or `file` naming where the key is"));
+                    return Err(invalid(
+                        kat,
+                        "needs `env` or `file` naming where the key is",
+                    ));
                 }
                 if key.requests_per_minute == 0 || key.max_concurrent == 0 {
-                    return Err(invalid(kat, "requests_per_minute and max_concurrent must be at least 1"));
+                    return Err(invalid(
+                        kat,
+                        "requests_per_minute and max_concurrent must be at least 1",
+                    ));
                 }
             }
         }
         if self.models.is_empty() {
-            return Err(invalid("models", "at least one [[models]] entry is required"));
+            return Err(invalid(
+                "models",
+                "at least one [[models]] entry is required",
+            ));
         }
         let mut model_names = HashSet::new();
         for (i, m) in self.models.iter().enumerate() {
             let at = format!("models[{i}]");
             if m.name.is_empty() || !model_names.insert(m.name.as_str()) {
-                return Err(invalid(format!("{at}.name"), format!("`{}` is empty or not unique", m.name)));
+                return Err(invalid(
+                    format!("{at}.name"),
+                    format!("`{}` is empty or not unique", m.name),
+                ));
             }
             for up in &m.upstreams {
                 if !names.contains(up.as_str()) {
-                    return Err(invalid(format!("{at}.upstreams"), format!("unknown upstream `{up}`")));
+                    return Err(invalid(
+                        format!("{at}.upstreams"),
+                        format!("unknown upstream `{up}`"),
+                    ));
                 }
             }
             for size in &m.sizes {
                 if size != "auto" && parse_size(size).is_none() {
-                    return Err(invalid(format!("{at}.sizes"), format!("`{size}` is not WIDTHxHEIGHT or auto")));
+                    return Err(invalid(
+                        format!("{at}.sizes"),
+                        format!("`{size}` is not WIDTHxHEIGHT or auto"),
+                    ));
                 }
             }
             for (key, list) in [
@@ -196,23 +250,35 @@ impl Config {
                 ("response_formats", &m.response_formats),
             ] {
                 if list.is_empty() {
-                    return Err(invalid(format!("{at}.{key}"), "must list at least one value"));
+                    return Err(invalid(
+                        format!("{at}.{key}"),
+                        "must list at least one value",
+                    ));
                 }
             }
             for f in &m.response_formats {
                 if f != "url" && f != "b64_json" {
-                    return Err(invalid(format!("{at}.response_formats"), format!("`{f}` is not url or b64_json")));
+                    return Err(invalid(
+                        format!("{at}.response_formats"),
+                        format!("`{f}` is not url or b64_json"),
+                    ));
                 }
             }
             if m.max_n == 0 || m.max_n > 128 {
                 return Err(invalid(format!("{at}.max_n"), "must be between 1 and 128"));
             }
             if m.max_prompt_chars == 0 {
-                return Err(invalid(format!("{at}.max_prompt_chars"), "must be at least 1"));
+                return Err(invalid(
+                    format!("{at}.max_prompt_chars"),
+                    "must be at least 1",
+                ));
             }
             for (q, price) in &m.price_per_image {
                 if !price.is_finite() || *price < 0.0 {
-                    return Err(invalid(format!("{at}.price_per_image.{q}"), "must be a non-negative number"));
+                    return Err(invalid(
+                        format!("{at}.price_per_image.{q}"),
+                        "must be a non-negative number",
+                    ));
                 }
             }
         }
@@ -222,12 +288,20 @@ impl Config {
             let at = format!("clients[{i}]");
             let id_ok = !c.id.is_empty()
                 && c.id.len() <= 64
-                && c.id.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
+                && c.id
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
             if !id_ok {
-                return Err(invalid(format!("{at}.id"), "must be 1-64 of [A-Za-z0-9._-]"));
+                return Err(invalid(
+                    format!("{at}.id"),
+                    "must be 1-64 of [A-Za-z0-9._-]",
+                ));
             }
             if !client_ids.insert(c.id.as_str()) {
-                return Err(invalid(format!("{at}.id"), format!("`{}` is not unique", c.id)));
+                return Err(invalid(
+                    format!("{at}.id"),
+                    format!("`{}` is not unique", c.id),
+                ));
             }
             let mut any = false;
             for d in c.key_sha256.iter() {
@@ -239,21 +313,33 @@ impl Config {
                     ));
                 }
                 if !digests.insert(d.to_ascii_lowercase()) {
-                    return Err(invalid(format!("{at}.key_sha256"), "the same key is configured for two clients"));
+                    return Err(invalid(
+                        format!("{at}.key_sha256"),
+                        "the same key is configured for two clients",
+                    ));
                 }
             }
             if !any {
-                return Err(invalid(format!("{at}.key_sha256"), "at least one key digest is required"));
+                return Err(invalid(
+                    format!("{at}.key_sha256"),
+                    "at least one key digest is required",
+                ));
             }
             for m in &c.models {
                 if !model_names.contains(m.as_str()) {
-                    return Err(invalid(format!("{at}.models"), format!("unknown model `{m}`")));
+                    return Err(invalid(
+                        format!("{at}.models"),
+                        format!("unknown model `{m}`"),
+                    ));
                 }
             }
             if let Some(b) = c.budget_per_month
                 && (!b.is_finite() || b < 0.0)
             {
-                return Err(invalid(format!("{at}.budget_per_month"), "must be a non-negative number"));
+                return Err(invalid(
+                    format!("{at}.budget_per_month"),
+                    "must be a non-negative number",
+                ));
             }
         }
         Ok(())
@@ -276,14 +362,16 @@ impl Config {
         }
         let admin_token = match (&self.admin.token_file, &self.admin.token_env) {
             (None, None) => None,
-            (file, var) => match env::resolve_secret(env, var.as_deref(), file.as_deref(), "admin token") {
-                Ok(token) => Some(token),
-                // The admin listener still serves health and metrics without a token; only
-                // /admin refuses everyone. A configured token file that cannot be read is an
-                // error, though: someone meant to set it.
-                Err(e) if file.is_some() => return Err(e),
-                Err(_) => None,
-            },
+            (file, var) => {
+                match env::resolve_secret(env, var.as_deref(), file.as_deref(), "admin token") {
+                    Ok(token) => Some(token),
+                    // The admin listener still serves health and metrics without a token; only
+                    // /admin refuses everyone. A configured token file that cannot be read is an
+                    // error, though: someone meant to set it.
+                    Err(e) if file.is_some() => return Err(e),
+                    Err(_) => None,
+                }
+            }
         };
         Ok(Secrets {
             upstream_keys,
@@ -291,8 +379,8 @@ impl Config {
         })
     }
 
-    /// One line per secret the config names, with `[set]` or `[missing]`, for `check-config`.
-    pub fn describe_secrets(&self, env: &Env) -> Vec<(String, bool)> {
+    /// Every secret the config names and whether it resolves, for `check-config`.
+    pub fn describe_secrets(&self, env: &Env) -> Vec<SecretStatus> {
         let mut out = Vec::new();
         for u in &self.upstreams {
             for k in &u.keys {
@@ -302,7 +390,11 @@ impl Config {
                     (None, None) => "nowhere".to_owned(),
                 };
                 let ok = env::resolve_secret(env, k.env.as_deref(), k.file.as_deref(), "").is_ok();
-                out.push((format!("upstream `{}` key `{}` ({source})", u.name, k.id), ok));
+                out.push(SecretStatus {
+                    what: format!("upstream `{}` key `{}` ({source})", u.name, k.id),
+                    set: ok,
+                    required: true,
+                });
             }
         }
         if self.admin.token_env.is_some() || self.admin.token_file.is_some() {
@@ -313,7 +405,11 @@ impl Config {
                 "",
             )
             .is_ok();
-            out.push(("admin token".to_owned(), ok));
+            out.push(SecretStatus {
+                what: "admin token (without it /admin refuses everyone)".to_owned(),
+                set: ok,
+                required: self.admin.token_file.is_some(),
+            });
         }
         out
     }
@@ -358,15 +454,25 @@ mod tests {
     #[test]
     fn unknown_key_is_rejected_naming_its_path() {
         let text = format!("{MINIMAL}\n[server]\nlisten_typo = 1\n");
-        let err = Config::from_toml(&text, &Env::default()).unwrap_err().to_string();
-        assert!(err.contains("server") && err.contains("listen_typo"), "{err}");
+        let err = Config::from_toml(&text, &Env::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("server") && err.contains("listen_typo"),
+            "{err}"
+        );
     }
 
     #[test]
     fn unknown_key_in_array_entry_names_the_entry() {
         let text = MINIMAL.replace("id = \"k1\"", "id = \"k1\"\nsecret = \"sk-inline\"");
-        let err = Config::from_toml(&text, &Env::default()).unwrap_err().to_string();
-        assert!(err.contains("upstreams[0].keys[0]") && err.contains("secret"), "{err}");
+        let err = Config::from_toml(&text, &Env::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("upstreams[0].keys[0]") && err.contains("secret"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -379,23 +485,34 @@ mod tests {
     #[test]
     fn missing_secret_names_the_key_and_var() {
         let c = Config::from_toml(MINIMAL, &Env::default()).unwrap();
-        let err = c.resolve_secrets(&Env::default()).err().unwrap().to_string();
+        let err = c
+            .resolve_secrets(&Env::default())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("k1") && err.contains("K1"), "{err}");
         let described = c.describe_secrets(&Env::from_pairs([("K1", "x")]));
-        assert!(described[0].1);
+        assert!(described[0].set && described[0].required);
     }
 
     #[test]
     fn model_naming_unknown_upstream_is_rejected() {
         let text = MINIMAL.replace("name = \"m\"", "name = \"m\"\nupstreams = [\"nope\"]");
-        let err = Config::from_toml(&text, &Env::default()).unwrap_err().to_string();
-        assert!(err.contains("models[0].upstreams") && err.contains("nope"), "{err}");
+        let err = Config::from_toml(&text, &Env::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("models[0].upstreams") && err.contains("nope"),
+            "{err}"
+        );
     }
 
     #[test]
     fn bad_client_digest_is_rejected() {
         let text = format!("{MINIMAL}\n[[clients]]\nid = \"a\"\nkey_sha256 = \"abc\"\n");
-        let err = Config::from_toml(&text, &Env::default()).unwrap_err().to_string();
+        let err = Config::from_toml(&text, &Env::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("clients[0].key_sha256"), "{err}");
     }
 

@@ -43,7 +43,9 @@ pub struct ModelConfig {
 }
 
 fn default_sizes() -> Vec<String> {
-    ["1024x1024", "1536x1024", "1024x1536"].map(String::from).to_vec()
+    ["1024x1024", "1536x1024", "1024x1536"]
+        .map(String::from)
+        .to_vec()
 }
 fn default_qualities() -> Vec<String> {
     ["standard", "hd"].map(String::from).to_vec()

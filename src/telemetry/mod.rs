@@ -36,14 +36,20 @@ pub struct RequestFacts {
 pub fn loggable_prompt(policy: PromptLogging, prompt: &str) -> Option<String> {
     match policy {
         PromptLogging::Off => None,
-        PromptLogging::Hash => Some(format!("sha256:{}", &hex::encode(Sha256::digest(prompt.as_bytes()))[..16])),
+        PromptLogging::Hash => Some(format!(
+            "sha256:{}",
+            &hex::encode(Sha256::digest(prompt.as_bytes()))[..16]
+        )),
         PromptLogging::Full => Some(prompt.to_owned()),
     }
 }
 
 /// `x-request-id` values kept from clients and upstreams: 1–64 of `[A-Za-z0-9._-]`.
 pub fn is_valid_request_id(value: &[u8]) -> bool {
-    (1..=64).contains(&value.len()) && value.iter().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(b))
+    (1..=64).contains(&value.len())
+        && value
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(b))
 }
 
 /// Installs the global subscriber writing to `writer`. Fails if the filter does not parse or a
@@ -54,7 +60,9 @@ where
 {
     let filter = EnvFilter::try_new(&config.level)
         .map_err(|e| anyhow::anyhow!("log.level `{}` is not a valid filter: {e}", config.level))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
     let result = match config.format {
         LogFormat::Json => builder
             .json()

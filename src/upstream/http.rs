@@ -8,7 +8,10 @@ use bytes::{Bytes, BytesMut};
 
 use super::UpstreamError;
 
-#[expect(clippy::disallowed_methods, reason = "the one place the upstream client is built")]
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the one place the upstream client is built"
+)]
 pub(super) fn client(connect_timeout: Duration) -> reqwest::Result<reqwest::Client> {
     reqwest::Client::builder()
         .connect_timeout(connect_timeout)
@@ -46,11 +49,18 @@ fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Reads the whole body, refusing more than `cap` bytes.
-pub(super) async fn read_capped(mut response: reqwest::Response, cap: usize) -> Result<Bytes, UpstreamError> {
-    if response.content_length().is_some_and(|len| len > cap as u64) {
+pub(super) async fn read_capped(
+    mut response: reqwest::Response,
+    cap: usize,
+) -> Result<Bytes, UpstreamError> {
+    if response
+        .content_length()
+        .is_some_and(|len| len > cap as u64)
+    {
         return Err(UpstreamError::TooLarge(cap));
     }
-    let mut buf = BytesMut::with_capacity(response.content_length().map_or(8 * 1024, |l| l as usize));
+    let mut buf =
+        BytesMut::with_capacity(response.content_length().map_or(8 * 1024, |l| l as usize));
     while let Some(chunk) = response.chunk().await.map_err(classify)? {
         if buf.len() + chunk.len() > cap {
             return Err(UpstreamError::TooLarge(cap));

@@ -37,7 +37,9 @@ pub struct UpstreamKey {
 
 impl std::fmt::Debug for UpstreamKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamKey").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("UpstreamKey")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -118,7 +120,9 @@ impl UpstreamError {
 impl From<UpstreamError> for ApiError {
     fn from(e: UpstreamError) -> ApiError {
         match e {
-            UpstreamError::RateLimited { retry_after } => ApiError::upstream_rate_limited(retry_after),
+            UpstreamError::RateLimited { retry_after } => {
+                ApiError::upstream_rate_limited(retry_after)
+            }
             UpstreamError::Rejected { status, code } => {
                 // The upstream judged the request itself (e.g. a content policy). Its message
                 // may echo internals, so only a recognisable code is passed on.
@@ -133,11 +137,13 @@ impl From<UpstreamError> for ApiError {
                 "upstream_error",
                 "The upstream provider refused the gateway's credentials. The operators have been told.",
             ),
-            UpstreamError::Status(_) | UpstreamError::Connect(_) | UpstreamError::Transport(_) => ApiError::upstream(
-                StatusCode::BAD_GATEWAY,
-                "upstream_error",
-                "The upstream provider failed to generate the image.",
-            ),
+            UpstreamError::Status(_) | UpstreamError::Connect(_) | UpstreamError::Transport(_) => {
+                ApiError::upstream(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_error",
+                    "The upstream provider failed to generate the image.",
+                )
+            }
             UpstreamError::BadResponse | UpstreamError::TooLarge(_) => ApiError::upstream(
                 StatusCode::BAD_GATEWAY,
                 "upstream_bad_response",
@@ -148,10 +154,9 @@ impl From<UpstreamError> for ApiError {
                 "upstream_timeout",
                 "The upstream provider did not answer in time.",
             ),
-            UpstreamError::NoUpstream => ApiError::unavailable(
-                "no_upstream",
-                "No upstream is configured for this model.",
-            ),
+            UpstreamError::NoUpstream => {
+                ApiError::unavailable("no_upstream", "No upstream is configured for this model.")
+            }
         }
     }
 }
@@ -209,12 +214,11 @@ impl Upstreams {
         let mut list = Vec::with_capacity(config.upstreams.len());
         for (u, keys) in config.upstreams.iter().zip(&secrets.upstream_keys) {
             let base = u.base_url.trim_end_matches('/');
-            let generations_url = reqwest::Url::parse(&format!("{base}/images/generations")).map_err(|e| {
-                ConfigError::Invalid {
+            let generations_url = reqwest::Url::parse(&format!("{base}/images/generations"))
+                .map_err(|e| ConfigError::Invalid {
                     path: format!("upstreams.{}.base_url", u.name),
                     reason: e.to_string(),
-                }
-            })?;
+                })?;
             let keys = u
                 .keys
                 .iter()
@@ -252,7 +256,10 @@ impl Upstreams {
     }
 
     /// Generates `request` on the first upstream of its model.
-    pub async fn generate(&self, request: &ValidRequest) -> Result<UpstreamResponse, UpstreamError> {
+    pub async fn generate(
+        &self,
+        request: &ValidRequest,
+    ) -> Result<UpstreamResponse, UpstreamError> {
         let upstream = request
             .model
             .upstreams
@@ -337,11 +344,16 @@ fn bearer(secret: &SecretString) -> Result<HeaderValue, axum::http::header::Inva
 fn count_images(body: &[u8]) -> Option<usize> {
     #[derive(serde::Deserialize)]
     struct Shape {
-        #[expect(dead_code, reason = "present only so that a body without `created` is refused")]
+        #[expect(
+            dead_code,
+            reason = "present only so that a body without `created` is refused"
+        )]
         created: i64,
         data: Vec<serde::de::IgnoredAny>,
     }
-    serde_json::from_slice::<Shape>(body).ok().map(|s| s.data.len())
+    serde_json::from_slice::<Shape>(body)
+        .ok()
+        .map(|s| s.data.len())
 }
 
 /// The upstream's `error.code`, when it is a short identifier (so nothing else of the upstream's
@@ -349,7 +361,9 @@ fn count_images(body: &[u8]) -> Option<usize> {
 fn error_code(body: &[u8]) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
     let code = v.get("error")?.get("code")?.as_str()?;
-    let ok = !code.is_empty() && code.len() <= 64 && code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    let ok = !code.is_empty()
+        && code.len() <= 64
+        && code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
     ok.then(|| code.to_owned())
 }
 
@@ -375,14 +389,23 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         assert_eq!(parse_retry_after(b"30", now), Some(Duration::from_secs(30)));
         let date = httpdate::fmt_http_date(now + Duration::from_secs(45));
-        assert_eq!(parse_retry_after(date.as_bytes(), now), Some(Duration::from_secs(45)));
+        assert_eq!(
+            parse_retry_after(date.as_bytes(), now),
+            Some(Duration::from_secs(45))
+        );
         assert_eq!(parse_retry_after(b"soon", now), None);
-        assert_eq!(parse_retry_after(b"999999", now), Some(Duration::from_secs(3600)));
+        assert_eq!(
+            parse_retry_after(b"999999", now),
+            Some(Duration::from_secs(3600))
+        );
     }
 
     #[test]
     fn images_are_counted_without_reshaping() {
-        assert_eq!(count_images(br#"{"created":1,"data":[{"url":"u"},{"b64_json":"x"}]}"#), Some(2));
+        assert_eq!(
+            count_images(br#"{"created":1,"data":[{"url":"u"},{"b64_json":"x"}]}"#),
+            Some(2)
+        );
         assert_eq!(count_images(br#"{"created":1,"data":[{"url":"u"}"#), None);
         assert_eq!(count_images(br#"{"data":[]}"#), None);
         assert_eq!(count_images(b"[]"), None);
@@ -390,7 +413,13 @@ mod tests {
 
     #[test]
     fn only_identifier_like_error_codes_pass() {
-        assert_eq!(error_code(br#"{"error":{"code":"content_policy_violation"}}"#).as_deref(), Some("content_policy_violation"));
-        assert_eq!(error_code(br#"{"error":{"code":"see https://x/?key=sk"}}"#), None);
+        assert_eq!(
+            error_code(br#"{"error":{"code":"content_policy_violation"}}"#).as_deref(),
+            Some("content_policy_violation")
+        );
+        assert_eq!(
+            error_code(br#"{"error":{"code":"see https://x/?key=sk"}}"#),
+            None
+        );
     }
 }

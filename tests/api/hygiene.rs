@@ -1,0 +1,160 @@
+//! HTTP hygiene: request ids, slow clients, timeouts, graceful shutdown, health endpoints.
+
+use std::time::{Duration, Instant};
+
+use imagegate::mock_upstream::MockOptions;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::helpers::{body, error_body, spawn_app, spawn_app_with};
+
+#[tokio::test]
+async fn a_well_formed_client_request_id_is_kept_and_a_bad_one_replaced() {
+    let app = spawn_app().await;
+    let send = |id: &'static str| {
+        app.http
+            .post(app.url("/v1/images/generations"))
+            .bearer_auth(&app.client_key)
+            .header("x-request-id", id)
+            .json(&body("ids"))
+            .send()
+    };
+    let kept = send("trace-42.a_b").await.unwrap();
+    assert_eq!(kept.headers()["x-request-id"], "trace-42.a_b");
+
+    for bad in [
+        "has space",
+        "semi;colon",
+        "toolong-toolong-toolong-toolong-toolong-toolong-toolong-toolong-x",
+    ] {
+        let replaced = send(bad).await.unwrap();
+        let id = replaced.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_ne!(id, bad);
+        assert!(id.starts_with("req_") && id.len() <= 64, "{id}");
+    }
+
+    let missing = app.http.get(app.url("/v1/models")).send().await.unwrap();
+    assert_eq!(missing.status(), 401);
+    assert!(
+        missing.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .starts_with("req_")
+    );
+}
+
+#[tokio::test]
+async fn a_slow_loris_connection_is_closed_after_the_header_read_timeout() {
+    let app = spawn_app_with(MockOptions::default(), |c| {
+        c.server.header_read_timeout_secs = 1
+    })
+    .await;
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    stream
+        .write_all(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    // The server must end the connection on its own; the outer timeout only bounds the test.
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "connection still open after 10 s");
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(3), "closed after {elapsed:?}");
+}
+
+#[tokio::test]
+async fn a_request_whose_body_trickles_in_is_cut_at_the_request_timeout_with_504() {
+    let app = spawn_app_with(MockOptions::default(), |c| {
+        c.upstreams[0].timeout_secs = 1;
+        c.server.request_timeout_secs = 2;
+    })
+    .await;
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{",
+        app.client_key
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+        .await
+        .expect("the gateway answers before the test gives up")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 504"), "{text}");
+    assert!(text.contains("request_timeout"), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert_eq!(app.mock.call_count(), 0);
+}
+
+#[tokio::test]
+async fn health_and_readiness_answer_on_the_admin_listener_only() {
+    let app = spawn_app().await;
+    let health = app
+        .http
+        .get(app.admin_url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = app.http.get(app.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let public = app.http.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(public.status(), 404);
+    error_body(public).await;
+}
+
+#[tokio::test]
+async fn shutdown_turns_readiness_off_at_once_and_lets_in_flight_requests_finish() {
+    let app = spawn_app().await;
+    let in_flight = {
+        let request = app
+            .http
+            .post(app.url("/v1/images/generations"))
+            .bearer_auth(&app.client_key)
+            .json(&body("[mock:latency_ms=1500] slow"));
+        tokio::spawn(request.send())
+    };
+    // Wait until the request has reached the upstream, so it really is in flight.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while app.mock.call_count() == 0 {
+        assert!(Instant::now() < deadline, "request never reached the mock");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    app.begin_shutdown();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let ready = app.http.get(app.admin_url("/readyz")).send().await.unwrap();
+        if ready.status() == 503 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "readyz still {} while draining",
+            ready.status()
+        );
+        tokio::task::yield_now().await;
+    }
+
+    let finished = in_flight
+        .await
+        .unwrap()
+        .expect("in-flight request completes");
+    assert_eq!(
+        finished.status(),
+        200,
+        "the in-flight request finished normally"
+    );
+    let public = app.addr;
+    app.join().await.expect("clean shutdown");
+    assert!(
+        TcpStream::connect(public).await.is_err(),
+        "the public listener is closed"
+    );
+}

@@ -1,0 +1,16 @@
+//! The one integration-test binary: the gateway spawned in-process (or as the real binary)
+//! on port 0, in front of the real mock upstream, driven over HTTP.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests build their own HTTP clients"
+)]
+#![allow(clippy::unwrap_used, reason = "a failed unwrap is a failed test")]
+
+mod helpers;
+
+mod bad_input;
+mod cli;
+mod generations;
+mod hygiene;
+mod secrets;
+mod upstream_faults;
