@@ -7,8 +7,9 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -23,22 +24,112 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::ClientKeys;
-use crate::config::{Config, Env};
+use crate::config::{Config, ConfigError, Env, ServerConfig};
 use crate::router;
 use crate::upstream::Upstreams;
 use crate::validate::Models;
 
 /// Everything a request needs, shared by all of them.
+///
+/// What a config reload may change lives in [`Runtime`], swapped whole: a request takes one
+/// snapshot and keeps it to the end, so a reload never changes the rules under an in-flight
+/// request. What must survive reloads (listeners, and the state of limits, ledger and cache as
+/// they land) lives here directly.
 pub struct Gateway {
+    /// `[server]` as at start: listeners and HTTP limits need a restart to change.
+    pub server: ServerConfig,
+    runtime: RwLock<Arc<Runtime>>,
+    /// Unix seconds at start, reported as `created` of models.
+    pub started_at: u64,
+    /// Set at the start of shutdown: `/readyz` answers 503 from then on.
+    pub draining: AtomicBool,
+}
+
+/// The reloadable part of the gateway: built from one config, replaced whole on reload.
+pub struct Runtime {
     pub config: Config,
     pub clients: ClientKeys,
     pub models: Models,
     pub upstreams: Upstreams,
     pub admin_token: Option<SecretString>,
-    /// Unix seconds at start, reported as `created` of models.
-    pub started_at: u64,
-    /// Set at the start of shutdown: `/readyz` answers 503 from then on.
-    pub draining: AtomicBool,
+}
+
+impl Runtime {
+    /// Builds everything a config describes, resolving its secrets from `env`.
+    pub fn build(config: Config, env: &Env) -> Result<Runtime, ConfigError> {
+        config.validate()?;
+        let secrets = config.resolve_secrets(env)?;
+        Ok(Runtime {
+            clients: ClientKeys::from_config(&config),
+            models: Models::from_config(&config),
+            upstreams: Upstreams::from_config(&config, &secrets)?,
+            admin_token: secrets.admin_token,
+            config,
+        })
+    }
+}
+
+impl Gateway {
+    /// The current config snapshot. Cheap: one read lock and an `Arc` clone.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        match self.runtime.read() {
+            Ok(guard) => Arc::clone(&guard),
+            // A panic while swapping cannot leave a half-written Arc; the value is usable.
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Replaces the reloadable config. In-flight requests keep the snapshot they started with.
+    /// Settings that need a restart (`[server]`, `[storage]`) are reported and left as they are.
+    pub fn reload(&self, config: Config, env: &Env) -> Result<(), ConfigError> {
+        let runtime = Runtime::build(config, env)?;
+        let current = self.runtime();
+        if toml::to_string(&runtime.config.server).ok() != toml::to_string(&self.server).ok()
+            || runtime.config.storage.path != current.config.storage.path
+            || runtime.config.storage.backend != current.config.storage.backend
+        {
+            tracing::warn!(
+                "config reload: [server] and [storage] changes take effect only after a restart"
+            );
+        }
+        if runtime.clients.is_empty() {
+            tracing::warn!("no [[clients]] configured: every request will be refused with 401");
+        }
+        let summary = (
+            runtime.clients.len(),
+            runtime.config.models.len(),
+            runtime.config.upstreams.len(),
+        );
+        match self.runtime.write() {
+            Ok(mut guard) => *guard = Arc::new(runtime),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(runtime),
+        }
+        tracing::info!(
+            client_keys = summary.0,
+            models = summary.1,
+            upstreams = summary.2,
+            "config reloaded"
+        );
+        Ok(())
+    }
+}
+
+/// Where a reload reads the config from: the file `serve` started with, and the same env.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    pub path: PathBuf,
+    pub env: Env,
+}
+
+impl ConfigSource {
+    /// Re-reads the file and applies it; an invalid file keeps the running config.
+    pub fn reload_into(&self, gateway: &Gateway) {
+        let result = Config::load(&self.path, &self.env)
+            .and_then(|config| gateway.reload(config, &self.env));
+        if let Err(e) = result {
+            tracing::error!(error = %e, path = %self.path.display(), "config reload failed; keeping the running config");
+        }
+    }
 }
 
 pub type AppState = Arc<Gateway>;
@@ -54,62 +145,58 @@ pub struct App {
     state: AppState,
     public: TcpListener,
     admin: TcpListener,
+    source: Option<ConfigSource>,
 }
 
 impl App {
     /// Resolves secrets from `env`, builds the state, and binds both listeners.
     pub async fn build(config: Config, env: &Env) -> anyhow::Result<App> {
         install_crypto_provider();
-        config.validate()?;
-        let secrets = config.resolve_secrets(env)?;
-        let upstreams = Upstreams::from_config(&config, &secrets)?;
+        let runtime = Runtime::build(config, env)?;
+        if runtime.clients.is_empty() {
+            tracing::warn!("no [[clients]] configured: every request will be refused with 401");
+        }
         let state = Arc::new(Gateway {
-            clients: ClientKeys::from_config(&config),
-            models: Models::from_config(&config),
-            upstreams,
-            admin_token: secrets.admin_token,
+            server: runtime.config.server.clone(),
+            runtime: RwLock::new(Arc::new(runtime)),
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             draining: AtomicBool::new(false),
-            config,
         });
-        if state.clients.is_empty() {
-            tracing::warn!("no [[clients]] configured: every request will be refused with 401");
-        }
-        let public = TcpListener::bind(state.config.server.listen)
+        let public = TcpListener::bind(state.server.listen)
             .await
-            .with_context(|| {
-                format!(
-                    "cannot listen on server.listen {}",
-                    state.config.server.listen
-                )
-            })?;
-        let admin = TcpListener::bind(state.config.server.admin_listen)
+            .with_context(|| format!("cannot listen on server.listen {}", state.server.listen))?;
+        let admin = TcpListener::bind(state.server.admin_listen)
             .await
             .with_context(|| {
                 format!(
                     "cannot listen on server.admin_listen {}",
-                    state.config.server.admin_listen
+                    state.server.admin_listen
                 )
             })?;
         Ok(App {
             state,
             public,
             admin,
+            source: None,
         })
     }
 
+    /// Makes `SIGHUP` re-read `source` while serving.
+    pub fn reload_on_sighup(mut self, source: ConfigSource) -> Self {
+        self.source = Some(source);
+        self
+    }
+
     pub fn public_addr(&self) -> SocketAddr {
-        self.public
-            .local_addr()
-            .unwrap_or(self.state.config.server.listen)
+        self.public.local_addr().unwrap_or(self.state.server.listen)
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin
             .local_addr()
-            .unwrap_or(self.state.config.server.admin_listen)
+            .unwrap_or(self.state.server.admin_listen)
     }
 
     pub fn state(&self) -> &AppState {
@@ -119,7 +206,7 @@ impl App {
     /// Serves until `shutdown` resolves, then drains: `/readyz` turns 503 at once, the public
     /// listener stops accepting, and in-flight requests get `shutdown_grace_secs` to finish.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-        let server = &self.state.config.server;
+        let server = &self.state.server;
         let header_timeout = Duration::from_secs(server.header_read_timeout_secs);
         let grace = Duration::from_secs(server.shutdown_grace_secs);
         let stop_public = CancellationToken::new();
@@ -144,8 +231,10 @@ impl App {
             stop_admin.clone(),
             Duration::from_secs(1),
         ));
+        let reloads = reload_on_signal(self.source.clone(), Arc::clone(&self.state));
         tokio::select! {
             () = shutdown => {}
+            () = reloads => {}
             _ = &mut public => {
                 anyhow::bail!("the public listener stopped unexpectedly");
             }
@@ -162,6 +251,27 @@ impl App {
         tracing::info!("shutdown complete");
         Ok(())
     }
+}
+
+/// Applies `source` to `gateway` on every SIGHUP; never resolves. Without a source (tests, the
+/// demo), just waits.
+async fn reload_on_signal(source: Option<ConfigSource>, gateway: AppState) {
+    #[cfg(unix)]
+    if let Some(source) = source {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hangups) => {
+                while hangups.recv().await.is_some() {
+                    tracing::info!(path = %source.path.display(), "SIGHUP: reloading config");
+                    source.reload_into(&gateway);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP; config reload is off"),
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (source, gateway);
+    std::future::pending::<()>().await;
 }
 
 /// Accepts connections on `listener` until `stop`, then gives open connections `grace` to

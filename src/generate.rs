@@ -23,9 +23,10 @@ pub async fn generate(
     body: &Map<String, Value>,
     facts: &mut RequestFacts,
 ) -> Result<UpstreamResponse, ApiError> {
-    let request = validate(body, &gateway.models, client)?;
+    let runtime = gateway.runtime();
+    let request = validate(body, &runtime.models, client)?;
     facts.model = Some(Arc::from(request.model.name()));
-    facts.prompt = loggable_prompt(gateway.config.log.prompts, &request.prompt);
+    facts.prompt = loggable_prompt(runtime.config.log.prompts, &request.prompt);
     if request.is_async {
         return Err(ApiError::invalid_request(
             "async: true is not available on this gateway yet; omit it for a synchronous answer",
@@ -33,7 +34,7 @@ pub async fn generate(
         ));
     }
 
-    let response = gateway.upstreams.generate(&request).await.map_err(|e| {
+    let response = runtime.upstreams.generate(&request).await.map_err(|e| {
         tracing::warn!(error = %e, kind = e.kind(), "upstream call failed");
         ApiError::from(e)
     })?;

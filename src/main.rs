@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use imagegate::app::ConfigSource;
 use imagegate::config::{Config, ConfigError, Env, LogConfig, LogFormat};
 use imagegate::mock_upstream::{MockOptions, MockUpstream};
 use imagegate::{App, auth, demo, telemetry};
@@ -183,8 +184,12 @@ async fn serve(path: &std::path::Path) -> ExitCode {
         eprintln!("error: {e:#}");
         return ExitCode::from(2);
     }
+    let source = ConfigSource {
+        path: path.to_owned(),
+        env: env.clone(),
+    };
     let app = match App::build(config, &env).await {
-        Ok(app) => app,
+        Ok(app) => app.reload_on_sighup(source),
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "cannot start");
             eprintln!("error: {e:#}");

@@ -22,7 +22,7 @@ use crate::telemetry::http::{log_request, request_id};
 
 /// The public, OpenAI-compatible listener. Every route requires a client key.
 pub fn public(state: AppState) -> Router {
-    let max_body = state.config.server.max_body_bytes;
+    let max_body = state.server.max_body_bytes;
     Router::new()
         .route("/v1/images/generations", post(images::create_generation))
         .route("/v1/models", get(models::list_models))
@@ -63,7 +63,7 @@ pub fn admin(state: AppState) -> Router {
 }
 
 async fn request_timeout(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let limit = Duration::from_secs(state.config.server.request_timeout_secs);
+    let limit = Duration::from_secs(state.server.request_timeout_secs);
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
         Err(_) => ApiError::request_timeout().into_response(),

@@ -38,7 +38,7 @@ impl FromRequest<AppState> for JsonObject {
             .await
             .map_err(|rejection| {
                 if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::request_too_large(state.config.server.max_body_bytes)
+                    ApiError::request_too_large(state.server.max_body_bytes)
                 } else {
                     ApiError::invalid_request("The request body could not be read.", None)
                 }
@@ -74,7 +74,7 @@ pub async fn require_client(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let client = match state.clients.authenticate(
+    let client = match state.runtime().clients.authenticate(
         request
             .headers()
             .get(header::AUTHORIZATION)

@@ -26,7 +26,8 @@ pub async fn list_models(
     State(state): State<AppState>,
     Extension(client): Extension<AuthenticatedClient>,
 ) -> Json<ModelList> {
-    let data = state
+    let runtime = state.runtime();
+    let data = runtime
         .models
         .iter()
         .filter(|m| client.may_use(m.name()))

@@ -119,6 +119,7 @@ pub async fn spawn_app_with(options: MockOptions, tweak: impl FnOnce(&mut Config
 }
 
 pub fn http_client() -> reqwest::Client {
+    imagegate::app::install_crypto_provider();
     reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()

@@ -7,10 +7,12 @@
 #![allow(clippy::unwrap_used, reason = "a failed unwrap is a failed test")]
 
 mod helpers;
+mod process;
 
 mod bad_input;
 mod cli;
 mod generations;
 mod hygiene;
+mod reload;
 mod secrets;
 mod upstream_faults;

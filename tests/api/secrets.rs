@@ -2,19 +2,14 @@
 //! failures and bad inputs, never shows an upstream key, a client key, or either's SHA-256 —
 //! not in logs, not in responses, not in headers.
 
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use imagegate::auth::key_digest_hex;
 use imagegate::mock_upstream::{MockOptions, MockUpstream};
 use serde_json::json;
 
 use crate::helpers::{MODEL, http_client, random_hex};
-
-const BIN: &str = env!("CARGO_BIN_EXE_imagegate");
+use crate::process::{ConfigFile, GatewayProcess};
 
 #[tokio::test]
 async fn canary_keys_never_appear_in_logs_responses_or_headers() {
@@ -27,12 +22,8 @@ async fn canary_keys_never_appear_in_logs_responses_or_headers() {
     let upstream_key = format!("sk-canary-upstream-{}", random_hex(12));
     let client_key = format!("sk-canary-client-{}", random_hex(12));
     let canary_prompt = format!("canary-prompt-{}", random_hex(8));
-    let dir = tempfile::tempdir().unwrap();
-    let config_path = dir.path().join("imagegate.toml");
-    std::fs::write(
-        &config_path,
-        format!(
-            r#"
+    let config = ConfigFile::new(&format!(
+        r#"
 [server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
@@ -54,45 +45,13 @@ name = "{MODEL}"
 id = "canary-client"
 key_sha256 = "{digest}"
 "#,
-            base = mock.base_url(),
-            digest = key_digest_hex(&client_key),
-        ),
-    )
-    .unwrap();
-
-    let mut child = Command::new(BIN)
-        .arg("serve")
-        .arg("--config")
-        .arg(&config_path)
-        .env_clear()
-        .env("CANARY_UPSTREAM_KEY", &upstream_key)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-
-    // Collect stdout (the logs) on a thread, and learn the bound port from the start-up line.
-    let logs = Arc::new(Mutex::new(String::new()));
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    let sink = Arc::clone(&logs);
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                && v["message"] == "imagegate listening"
-            {
-                let _ = addr_tx.send(v["public"].as_str().unwrap_or_default().to_owned());
-            }
-            let mut all = sink.lock().unwrap();
-            all.push_str(&line);
-            all.push('\n');
-        }
-    });
-    let public = addr_rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("gateway starts and logs its address");
-    let base = format!("http://{public}");
+        base = mock.base_url(),
+        digest = key_digest_hex(&client_key),
+    ));
+    let gateway = GatewayProcess::start(
+        &config.path,
+        &[("CANARY_UPSTREAM_KEY", upstream_key.as_str())],
+    );
     let http = http_client();
 
     let mut seen = String::new();
@@ -102,7 +61,7 @@ key_sha256 = "{digest}"
         text
     };
     let generate = |body: serde_json::Value, key: String| {
-        http.post(format!("{base}/v1/images/generations"))
+        http.post(gateway.url("/v1/images/generations"))
             .bearer_auth(key)
             .json(&body)
             .send()
@@ -149,7 +108,7 @@ key_sha256 = "{digest}"
         seen.push_str(&record(response).await);
     }
     let models = http
-        .get(format!("{base}/v1/models"))
+        .get(gateway.url("/v1/models"))
         .bearer_auth(&client_key)
         .send()
         .await
@@ -157,24 +116,8 @@ key_sha256 = "{digest}"
     seen.push_str(&record(models).await);
 
     // Graceful stop, so every log line is flushed.
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let status = child.wait().unwrap();
-    assert!(
-        status.success(),
-        "gateway exits cleanly on SIGTERM: {status}"
-    );
-    reader.join().unwrap();
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    let logs = logs.lock().unwrap().clone();
+    let (clean, logs, stderr) = gateway.stop();
+    assert!(clean, "gateway exits cleanly on SIGTERM");
 
     assert!(
         logs.contains("\"status\":502"),
