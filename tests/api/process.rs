@@ -75,10 +75,6 @@ impl GatewayProcess {
         format!("http://{}{}", self.public, path)
     }
 
-    pub fn admin_url(&self, path: &str) -> String {
-        format!("http://{}{}", self.admin, path)
-    }
-
     /// Waits until a JSON log line (after those already matched) satisfies `pred`.
     pub fn wait_for_log(
         &self,
@@ -142,14 +138,6 @@ impl GatewayProcess {
         (status.success(), self.logs(), stderr)
     }
 
-    /// SIGKILL: no chance to flush or clean up.
-    pub fn kill9(mut self) -> String {
-        self.signal("KILL");
-        let _ = self.child.wait();
-        self.drain();
-        self.logs()
-    }
-
     fn drain(&mut self) -> String {
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
@@ -185,10 +173,6 @@ impl ConfigFile {
         let path = dir.path().join("imagegate.toml");
         std::fs::write(&path, text).unwrap();
         ConfigFile { _dir: dir, path }
-    }
-
-    pub fn dir(&self) -> &Path {
-        self._dir.path()
     }
 
     pub fn write(&self, text: &str) {
