@@ -34,22 +34,13 @@ pub fn config(
     config.storage.backend = StorageBackend::Memory;
     config.log.format = LogFormat::Pretty;
     config.admin.token_env = Some(ADMIN_TOKEN_VAR.to_owned());
-    config.upstreams.push(UpstreamConfig {
-        name: "mock".to_owned(),
-        base_url: upstream_base_url.to_owned(),
-        timeout_secs: 60,
-        connect_timeout_secs: 5,
-        max_retries: 2,
-        tasks: crate::config::TaskMode::Gateway,
-        max_response_bytes: 64 * 1024 * 1024,
-        keys: vec![UpstreamKeyConfig {
-            id: "mock-key-1".to_owned(),
-            env: Some(UPSTREAM_KEY_VAR.to_owned()),
-            file: None,
-            requests_per_minute: 600,
-            max_concurrent: 64,
-        }],
-    });
+    let mut upstream = UpstreamConfig::new("mock", upstream_base_url);
+    upstream.timeout_secs = 60;
+    let mut key = UpstreamKeyConfig::from_env("mock-key-1", UPSTREAM_KEY_VAR);
+    key.requests_per_minute = 600;
+    key.max_concurrent = 64;
+    upstream.keys.push(key);
+    config.upstreams.push(upstream);
     config.models.push(ModelConfig::new(DEMO_MODEL, &["mock"]));
     config
         .clients

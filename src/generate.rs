@@ -34,10 +34,14 @@ pub async fn generate(
         ));
     }
 
-    let response = runtime.upstreams.generate(&request).await.map_err(|e| {
-        tracing::warn!(error = %e, kind = e.kind(), "upstream call failed");
-        ApiError::from(e)
-    })?;
+    let response = runtime
+        .upstreams
+        .generate(&request, client.id.as_str())
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, kind = e.kind(), "upstream call failed");
+            ApiError::from(e)
+        })?;
     facts.upstream = Some(Arc::clone(&response.upstream));
     facts.upstream_key = Some(Arc::clone(&response.key_id));
     facts.images = Some(response.images);

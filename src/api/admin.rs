@@ -18,7 +18,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str)
     if state.draining.load(Ordering::Acquire) {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining\n");
     }
-    if state.runtime().upstreams.iter().all(|u| u.key_count() == 0) {
+    if !state.runtime().upstreams.any_usable() {
         return (StatusCode::SERVICE_UNAVAILABLE, "no usable upstream key\n");
     }
     (StatusCode::OK, "ready\n")

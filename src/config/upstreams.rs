@@ -31,8 +31,52 @@ pub struct UpstreamConfig {
     /// Responses larger than this are refused (502) instead of buffered.
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: usize,
+    /// Requests waiting for a key when every key is busy; more are refused with 503.
+    #[serde(default = "default_max_queue")]
+    pub max_queue: usize,
+    /// Longest wait for a key before 503 `upstream_busy`.
+    #[serde(default = "default_queue_timeout_secs")]
+    pub queue_timeout_secs: u64,
     #[serde(default)]
     pub keys: Vec<UpstreamKeyConfig>,
+}
+
+fn default_max_queue() -> usize {
+    1000
+}
+fn default_queue_timeout_secs() -> u64 {
+    30
+}
+
+impl UpstreamConfig {
+    /// An upstream with every setting at its default and no keys yet.
+    pub fn new(name: &str, base_url: &str) -> Self {
+        UpstreamConfig {
+            name: name.to_owned(),
+            base_url: base_url.to_owned(),
+            timeout_secs: default_timeout_secs(),
+            connect_timeout_secs: default_connect_timeout_secs(),
+            max_retries: default_max_retries(),
+            tasks: default_task_mode(),
+            max_response_bytes: default_max_response_bytes(),
+            max_queue: default_max_queue(),
+            queue_timeout_secs: default_queue_timeout_secs(),
+            keys: Vec::new(),
+        }
+    }
+}
+
+impl UpstreamKeyConfig {
+    /// A key read from env var `env`, with default limits.
+    pub fn from_env(id: &str, env: &str) -> Self {
+        UpstreamKeyConfig {
+            id: id.to_owned(),
+            env: Some(env.to_owned()),
+            file: None,
+            requests_per_minute: default_key_rpm(),
+            max_concurrent: default_key_concurrency(),
+        }
+    }
 }
 
 fn default_timeout_secs() -> u64 {

@@ -1,19 +1,33 @@
 //! The only HTTP client in the gateway: calls to OpenAI-compatible upstreams with the
-//! server-held keys.
+//! server-held keys, over each upstream's key pool, with retries and failover.
 //!
 //! Owns: building the forwarded request from a [`ValidRequest`] (only the fields the model
-//! allows, `model` mapped to `upstream_model`, `async` never forwarded), choosing a key,
-//! reading the answer with a size cap, checking it is an `ImagesResponse` without
+//! allows, `model` mapped to `upstream_model`, `async` never forwarded), choosing a key through
+//! the [`pool`], reading the answer with a size cap, checking it is an `ImagesResponse` without
 //! re-serialising it, and turning every failure into an [`UpstreamError`] whose client-facing
 //! form carries no upstream URL, key or raw body.
+//!
+//! Retry policy, per attempt outcome:
+//! - 429: the key cools down for `Retry-After` and the request moves to another key at once;
+//!   the client never sees that 429. It does not count as a retry (each 429 removes a key from
+//!   rotation, so the moves are bounded by the pool size).
+//! - 401/403: the key is disabled until a config reload; the request moves on likewise.
+//! - 5xx, connection errors, resets: retried with exponential backoff and full jitter on another
+//!   key or the next upstream of the model, at most `max_retries` times and only while the
+//!   retry budget (20 % of recent requests, plus a small reserve) allows, so retries cannot
+//!   multiply load during an outage. Repeated failures open the key's circuit.
+//! - Timeouts after the request was sent are NOT retried: the upstream may still be generating,
+//!   and bill, the image. The client gets 504 and decides.
+//! - A malformed or oversized 2xx answer is not retried either (the image was made and billed).
+//! - 400/413/422 (the upstream judged the request itself) go back to the client.
 //!
 //! Must not: forward any client header, follow redirects, or contact a host that is not a
 //! configured `base_url`.
 
 mod http;
+pub mod pool;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use axum::http::{HeaderValue, StatusCode};
@@ -24,35 +38,25 @@ use serde::Serialize;
 use crate::config::{Config, ConfigError, Secrets};
 use crate::error::ApiError;
 use crate::validate::ValidRequest;
+use pool::{KeyLease, KeyPool, PoolError, PoolKey, PoolStatus};
 
-/// What the gateway tells a client when the upstream rate-limits without saying for how long.
-const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(10);
-
-/// One key of an upstream's pool.
-pub struct UpstreamKey {
-    pub id: Arc<str>,
-    /// `Bearer <key>`, marked sensitive so no HTTP layer logs it.
-    authorization: HeaderValue,
-}
-
-impl std::fmt::Debug for UpstreamKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamKey")
-            .field("id", &self.id)
-            .finish_non_exhaustive()
-    }
-}
+/// How long a key rests after a 429 that did not say.
+const DEFAULT_COOLDOWN: Duration = Duration::from_secs(10);
+/// First retry waits up to this (full jitter), doubling per retry.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// One configured provider.
 #[derive(Debug)]
 pub struct Upstream {
     pub name: Arc<str>,
     generations_url: reqwest::Url,
-    keys: Vec<UpstreamKey>,
-    next_key: AtomicUsize,
+    pool: KeyPool,
     http: reqwest::Client,
     timeout: Duration,
     max_response_bytes: usize,
+    max_retries: u32,
+    budget: RetryBudget,
 }
 
 /// Every configured upstream, in config order.
@@ -77,10 +81,6 @@ pub struct UpstreamResponse {
 /// Why an upstream call failed. `Display` is for logs: it never contains a URL, key or body.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("upstream rate limited the key (retry after {retry_after:?})")]
-    RateLimited { retry_after: Duration },
-    #[error("upstream refused the key (HTTP {0})")]
-    KeyRefused(u16),
     #[error("upstream refused the request (HTTP {status}, code {code:?})")]
     Rejected { status: u16, code: Option<String> },
     #[error("upstream failed (HTTP {0})")]
@@ -95,6 +95,12 @@ pub enum UpstreamError {
     BadResponse,
     #[error("upstream response exceeded {0} bytes")]
     TooLarge(usize),
+    /// Every key is cooling down or busy beyond the queue's bounds.
+    #[error("upstream capacity exhausted (retry after {retry_after:?})")]
+    Busy { retry_after: Duration },
+    /// Every key of every upstream of the model is disabled.
+    #[error("every upstream key is disabled")]
+    Unavailable,
     #[error("no upstream serves this model")]
     NoUpstream,
 }
@@ -103,8 +109,6 @@ impl UpstreamError {
     /// A short label for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            UpstreamError::RateLimited { .. } => "upstream_rate_limited",
-            UpstreamError::KeyRefused(_) => "upstream_key_refused",
             UpstreamError::Rejected { .. } => "upstream_rejected",
             UpstreamError::Status(_) => "upstream_status",
             UpstreamError::Timeout => "upstream_timeout",
@@ -112,7 +116,20 @@ impl UpstreamError {
             UpstreamError::Transport(_) => "upstream_transport",
             UpstreamError::BadResponse => "upstream_bad_response",
             UpstreamError::TooLarge(_) => "upstream_too_large",
+            UpstreamError::Busy { .. } => "upstream_busy",
+            UpstreamError::Unavailable => "upstream_unavailable",
             UpstreamError::NoUpstream => "no_upstream",
+        }
+    }
+}
+
+impl From<PoolError> for UpstreamError {
+    fn from(e: PoolError) -> UpstreamError {
+        match e {
+            PoolError::AllDisabled => UpstreamError::Unavailable,
+            PoolError::AllCooling { retry_after }
+            | PoolError::QueueFull { retry_after }
+            | PoolError::QueueTimeout { retry_after } => UpstreamError::Busy { retry_after },
         }
     }
 }
@@ -120,9 +137,6 @@ impl UpstreamError {
 impl From<UpstreamError> for ApiError {
     fn from(e: UpstreamError) -> ApiError {
         match e {
-            UpstreamError::RateLimited { retry_after } => {
-                ApiError::upstream_rate_limited(retry_after)
-            }
             UpstreamError::Rejected { status, code } => {
                 // The upstream judged the request itself (e.g. a content policy). Its message
                 // may echo internals, so only a recognisable code is passed on.
@@ -132,11 +146,6 @@ impl From<UpstreamError> for ApiError {
                 };
                 ApiError::invalid_request(message, None).with_code("upstream_rejected")
             }
-            UpstreamError::KeyRefused(_) => ApiError::upstream(
-                StatusCode::BAD_GATEWAY,
-                "upstream_error",
-                "The upstream provider refused the gateway's credentials. The operators have been told.",
-            ),
             UpstreamError::Status(_) | UpstreamError::Connect(_) | UpstreamError::Transport(_) => {
                 ApiError::upstream(
                     StatusCode::BAD_GATEWAY,
@@ -154,11 +163,81 @@ impl From<UpstreamError> for ApiError {
                 "upstream_timeout",
                 "The upstream provider did not answer in time.",
             ),
+            UpstreamError::Busy { retry_after } => ApiError::unavailable(
+                "upstream_busy",
+                "The upstream provider is at capacity; retry after the delay in Retry-After.",
+            )
+            .with_retry_after(retry_after),
+            UpstreamError::Unavailable => ApiError::unavailable(
+                "upstream_unavailable",
+                "No upstream credentials are currently usable. The operators have been told.",
+            )
+            .with_retry_after(Duration::from_secs(60)),
             UpstreamError::NoUpstream => {
                 ApiError::unavailable("no_upstream", "No upstream is configured for this model.")
             }
         }
     }
+}
+
+/// Caps retries at a fraction of recent traffic (Finagle/linkerd style): every request
+/// deposits `RATIO` of a token, every retry withdraws one, and the balance is capped, so a
+/// sustained outage cannot turn N requests into N × (1 + max_retries) upstream calls.
+#[derive(Debug)]
+struct RetryBudget {
+    tokens: Mutex<f64>,
+}
+
+impl RetryBudget {
+    const RATIO: f64 = 0.2;
+    const RESERVE: f64 = 10.0;
+    const CAP: f64 = 100.0;
+
+    fn new() -> Self {
+        RetryBudget {
+            tokens: Mutex::new(Self::RESERVE),
+        }
+    }
+
+    fn deposit(&self) {
+        let mut t = self
+            .tokens
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *t = (*t + Self::RATIO).min(Self::CAP);
+    }
+
+    fn withdraw(&self) -> bool {
+        let mut t = self
+            .tokens
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *t >= 1.0 {
+            *t -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Full-jitter exponential backoff before retry number `retry` (1-based).
+fn backoff(retry: u32) -> Duration {
+    let cap = BACKOFF_BASE
+        .saturating_mul(1 << retry.saturating_sub(1).min(10))
+        .min(BACKOFF_MAX);
+    cap.mul_f64(rand::random::<f64>())
+}
+
+/// One attempt's outcome, as the retry loop sees it.
+enum Attempt {
+    Done(UpstreamResponse),
+    /// Try another key now (429, 401/403); the lease has been settled.
+    MoveOn(UpstreamError),
+    /// Retry later, if allowed (5xx, connection errors).
+    Retry(UpstreamError),
+    /// Give up (the client's problem, or unsafe to repeat).
+    Fail(UpstreamError),
 }
 
 /// The body sent upstream: normalised values, only fields the model allows.
@@ -224,20 +303,27 @@ impl Upstreams {
                 .iter()
                 .zip(keys)
                 .map(|(k, secret)| {
-                    Ok(UpstreamKey {
+                    Ok(PoolKey {
                         id: Arc::from(k.id.as_str()),
                         authorization: bearer(secret).map_err(|_| ConfigError::Secret {
                             what: format!("upstream `{}` key `{}`", u.name, k.id),
                             reason: "contains characters not allowed in an HTTP header".into(),
                         })?,
+                        requests_per_minute: k.requests_per_minute,
+                        max_concurrent: k.max_concurrent,
                     })
                 })
                 .collect::<Result<Vec<_>, ConfigError>>()?;
+            let name: Arc<str> = Arc::from(u.name.as_str());
             list.push(Upstream {
-                name: Arc::from(u.name.as_str()),
+                pool: KeyPool::new(
+                    Arc::clone(&name),
+                    keys,
+                    u.max_queue,
+                    Duration::from_secs(u.queue_timeout_secs),
+                ),
+                name,
                 generations_url,
-                keys,
-                next_key: AtomicUsize::new(0),
                 http: http::client(Duration::from_secs(u.connect_timeout_secs)).map_err(|e| {
                     ConfigError::Invalid {
                         path: format!("upstreams.{}", u.name),
@@ -246,6 +332,8 @@ impl Upstreams {
                 })?,
                 timeout: Duration::from_secs(u.timeout_secs),
                 max_response_bytes: u.max_response_bytes,
+                max_retries: u.max_retries,
+                budget: RetryBudget::new(),
             });
         }
         Ok(Upstreams { list })
@@ -255,45 +343,125 @@ impl Upstreams {
         self.list.iter()
     }
 
-    /// Generates `request` on the first upstream of its model.
+    /// Whether any upstream has a key that is not disabled (for readiness).
+    pub fn any_usable(&self) -> bool {
+        self.list.iter().any(|u| u.pool.has_usable_key())
+    }
+
+    /// Key pool states, for ops.
+    pub fn status(&self) -> Vec<PoolStatus> {
+        self.list.iter().map(|u| u.pool.status()).collect()
+    }
+
+    /// Generates `request` for `client` on the model's upstreams in failover order: keys of an
+    /// upstream first (429 and refused keys move on at once), then the next upstream. Retries
+    /// of failures are bounded by the first upstream's `max_retries` and by each upstream's
+    /// retry budget.
     pub async fn generate(
         &self,
         request: &ValidRequest,
+        client: &str,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        let upstream = request
+        let order: Vec<&Upstream> = request
             .model
             .upstreams
-            .first()
-            .and_then(|&i| self.list.get(i))
-            .ok_or(UpstreamError::NoUpstream)?;
-        upstream.generate(request).await
+            .iter()
+            .filter_map(|&i| self.list.get(i))
+            .collect();
+        let first = order.first().ok_or(UpstreamError::NoUpstream)?;
+        let max_retries = first.max_retries;
+        for u in &order {
+            u.budget.deposit();
+        }
+        let body = Bytes::from(forwarded_body(request));
+        let mut retries = 0;
+        let mut last: Option<UpstreamError> = None;
+        let mut at = 0;
+        while let Some(upstream) = order.get(at) {
+            let lease = match upstream.pool.acquire(client).await {
+                Ok(lease) => lease,
+                Err(e) => {
+                    // Nothing usable here now: fail over to the next upstream, if any.
+                    let e = UpstreamError::from(e);
+                    last = Some(prefer(last, e));
+                    at += 1;
+                    continue;
+                }
+            };
+            match upstream.attempt(lease, body.clone()).await {
+                Attempt::Done(response) => return Ok(response),
+                Attempt::MoveOn(e) => last = Some(e),
+                Attempt::Fail(e) => return Err(e),
+                Attempt::Retry(e) => {
+                    tracing::debug!(upstream = %upstream.name, error = %e, retries, "upstream attempt failed");
+                    if retries >= max_retries || !upstream.budget.withdraw() {
+                        return Err(e);
+                    }
+                    retries += 1;
+                    last = Some(e);
+                    tokio::time::sleep(backoff(retries)).await;
+                    // Another upstream first, if the model has one; else another key here
+                    // (the pool prefers the least loaded, and the failed key may be open).
+                    if at + 1 < order.len() {
+                        at += 1;
+                    }
+                }
+            }
+        }
+        Err(last.unwrap_or(UpstreamError::NoUpstream))
+    }
+}
+
+/// Which of two failures to report: a real upstream error beats "no key here".
+fn prefer(previous: Option<UpstreamError>, next: UpstreamError) -> UpstreamError {
+    match (previous, next) {
+        (Some(UpstreamError::Busy { retry_after: a }), UpstreamError::Busy { retry_after: b }) => {
+            UpstreamError::Busy {
+                retry_after: a.min(b),
+            }
+        }
+        (Some(prev @ UpstreamError::Busy { .. }), UpstreamError::Unavailable) => prev,
+        (Some(prev), UpstreamError::Unavailable | UpstreamError::Busy { .. })
+            if !matches!(prev, UpstreamError::Unavailable) =>
+        {
+            prev
+        }
+        (_, next) => next,
     }
 }
 
 impl Upstream {
-    pub fn key_count(&self) -> usize {
-        self.keys.len()
-    }
-
-    fn pick_key(&self) -> Option<&UpstreamKey> {
-        let i = self.next_key.fetch_add(1, Ordering::Relaxed);
-        self.keys.get(i % self.keys.len().max(1))
-    }
-
-    async fn generate(&self, request: &ValidRequest) -> Result<UpstreamResponse, UpstreamError> {
-        let key = self.pick_key().ok_or(UpstreamError::NoUpstream)?;
-        let body = forwarded_body(request);
+    /// One request with one key; settles the lease with the outcome.
+    async fn attempt(&self, lease: KeyLease, body: Bytes) -> Attempt {
         let sent = self
             .http
             .post(self.generations_url.clone())
-            .header(reqwest::header::AUTHORIZATION, key.authorization.clone())
+            .header(
+                reqwest::header::AUTHORIZATION,
+                lease.authorization().clone(),
+            )
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(reqwest::header::ACCEPT, "application/json")
             .timeout(self.timeout)
             .body(body)
             .send()
-            .await
-            .map_err(http::classify)?;
+            .await;
+        let sent = match sent {
+            Ok(sent) => sent,
+            Err(e) => {
+                let e = http::classify(e);
+                return match e {
+                    UpstreamError::Connect(_) | UpstreamError::Transport(_) => {
+                        lease.failed(false);
+                        Attempt::Retry(e)
+                    }
+                    _ => {
+                        lease.neutral();
+                        Attempt::Fail(e)
+                    }
+                };
+            }
+        };
 
         let status = sent.status();
         let headers = sent.headers().clone();
@@ -301,35 +469,69 @@ impl Upstream {
             .get("x-request-id")
             .filter(|v| crate::telemetry::is_valid_request_id(v.as_bytes()))
             .cloned();
-        let body = http::read_capped(sent, self.max_response_bytes).await?;
+        let body = match http::read_capped(sent, self.max_response_bytes).await {
+            Ok(body) => body,
+            Err(e @ (UpstreamError::Transport(_) | UpstreamError::Connect(_)))
+                if !status.is_success() =>
+            {
+                lease.failed(status.is_server_error());
+                return Attempt::Retry(e);
+            }
+            Err(e) => {
+                lease.neutral();
+                return Attempt::Fail(e);
+            }
+        };
 
         if status.is_success() {
-            let images = count_images(&body).ok_or(UpstreamError::BadResponse)?;
-            return Ok(UpstreamResponse {
-                body,
-                images,
-                upstream: Arc::clone(&self.name),
-                key_id: Arc::clone(&key.id),
-                upstream_request_id,
-            });
+            return match count_images(&body) {
+                Some(images) => {
+                    let key_id = Arc::clone(&lease.key_id);
+                    lease.succeeded(&headers);
+                    Attempt::Done(UpstreamResponse {
+                        body,
+                        images,
+                        upstream: Arc::clone(&self.name),
+                        key_id,
+                        upstream_request_id,
+                    })
+                }
+                None => {
+                    lease.neutral();
+                    Attempt::Fail(UpstreamError::BadResponse)
+                }
+            };
         }
-        Err(match status.as_u16() {
-            429 => UpstreamError::RateLimited {
-                retry_after: headers
+        match status.as_u16() {
+            429 => {
+                let retry_after = headers
                     .get(reqwest::header::RETRY_AFTER)
                     .and_then(|v| parse_retry_after(v.as_bytes(), SystemTime::now()))
-                    .unwrap_or(DEFAULT_RETRY_AFTER),
-            },
-            401 | 403 => {
-                tracing::error!(upstream = %self.name, key = %key.id, status = status.as_u16(), "upstream refused key");
-                UpstreamError::KeyRefused(status.as_u16())
+                    .unwrap_or(DEFAULT_COOLDOWN);
+                tracing::info!(upstream = %self.name, key = %lease.key_id, secs = retry_after.as_secs(), "upstream rate limited key: cooling down");
+                lease.rate_limited(retry_after, &headers);
+                Attempt::MoveOn(UpstreamError::Busy { retry_after })
             }
-            400 | 413 | 422 => UpstreamError::Rejected {
-                status: status.as_u16(),
-                code: error_code(&body),
-            },
-            other => UpstreamError::Status(other),
-        })
+            401 | 403 => {
+                lease.refused(status.as_u16());
+                Attempt::MoveOn(UpstreamError::Unavailable)
+            }
+            400 | 413 | 422 => {
+                lease.neutral();
+                Attempt::Fail(UpstreamError::Rejected {
+                    status: status.as_u16(),
+                    code: error_code(&body),
+                })
+            }
+            s if status.is_server_error() => {
+                lease.failed(true);
+                Attempt::Retry(UpstreamError::Status(s))
+            }
+            other => {
+                lease.neutral();
+                Attempt::Fail(UpstreamError::Status(other))
+            }
+        }
     }
 }
 

@@ -6,8 +6,7 @@ use std::time::Duration;
 use imagegate::App;
 use imagegate::auth::key_digest_hex;
 use imagegate::config::{
-    ClientConfig, Config, Env, ModelConfig, StorageBackend, TaskMode, UpstreamConfig,
-    UpstreamKeyConfig,
+    ClientConfig, Config, Env, ModelConfig, StorageBackend, UpstreamConfig, UpstreamKeyConfig,
 };
 use imagegate::mock_upstream::{MockOptions, MockUpstream};
 use serde_json::{Value, json};
@@ -49,22 +48,14 @@ pub fn base_config(mock_base_url: &str, client_key: &str, other_client_key: &str
     config.server.shutdown_grace_secs = 5;
     config.storage.backend = StorageBackend::Memory;
     config.admin.token_env = Some(ADMIN_TOKEN_VAR.to_owned());
-    config.upstreams.push(UpstreamConfig {
-        name: "primary".to_owned(),
-        base_url: mock_base_url.to_owned(),
-        timeout_secs: 10,
-        connect_timeout_secs: 2,
-        max_retries: 2,
-        tasks: TaskMode::Gateway,
-        max_response_bytes: 64 * 1024 * 1024,
-        keys: vec![UpstreamKeyConfig {
-            id: "k1".to_owned(),
-            env: Some(UPSTREAM_KEY_VAR.to_owned()),
-            file: None,
-            requests_per_minute: 10_000,
-            max_concurrent: 1_000,
-        }],
-    });
+    let mut upstream = UpstreamConfig::new("primary", mock_base_url);
+    upstream.timeout_secs = 10;
+    upstream.connect_timeout_secs = 2;
+    let mut key = UpstreamKeyConfig::from_env("k1", UPSTREAM_KEY_VAR);
+    key.requests_per_minute = 10_000;
+    key.max_concurrent = 1_000;
+    upstream.keys.push(key);
+    config.upstreams.push(upstream);
     let mut model = ModelConfig::new(MODEL, &["primary"]);
     model.max_prompt_chars = 4000;
     model.styles = vec!["vivid".to_owned(), "natural".to_owned()];

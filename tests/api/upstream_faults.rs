@@ -22,18 +22,30 @@ fn assert_sanitised(error: &serde_json::Value, app: &crate::helpers::TestApp) {
 }
 
 #[tokio::test]
-async fn upstream_429_reaches_the_client_with_its_retry_after() {
+async fn an_upstream_429_on_the_only_key_reaches_the_client_as_busy_with_its_retry_after() {
     let app = spawn_app().await;
     let response = app
         .generate(&body("[mock:status=429 retry_after=30] a cat"))
         .await;
-    assert_eq!(response.status(), 429);
+    // The key cools down for the upstream's Retry-After; with no other key, the client is told
+    // to come back then.
+    assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["retry-after"], "30");
-    assert_eq!(response.headers()["retry-after-ms"], "30000");
+    let ms: u64 = response.headers()["retry-after-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((29_000..=30_000).contains(&ms), "retry-after-ms {ms}");
     let error = error_body(response).await;
-    assert_eq!(error["type"], "requests");
-    assert_eq!(error["code"], "upstream_rate_limited");
+    assert_eq!(error["type"], "server_error");
+    assert_eq!(error["code"], "upstream_busy");
     assert_sanitised(&error, &app);
+    assert_eq!(
+        app.mock.call_count(),
+        1,
+        "a cooling key is not called again"
+    );
 }
 
 #[tokio::test]
@@ -42,7 +54,7 @@ async fn upstream_429_with_an_http_date_retry_after_is_converted_to_seconds() {
     let response = app
         .generate(&body("[mock:status=429 retry_after_date=30] a cat"))
         .await;
-    assert_eq!(response.status(), 429);
+    assert_eq!(response.status(), 503);
     let secs: u64 = response.headers()["retry-after"]
         .to_str()
         .unwrap()
@@ -53,8 +65,9 @@ async fn upstream_429_with_an_http_date_retry_after_is_converted_to_seconds() {
 
 #[tokio::test]
 async fn upstream_5xx_becomes_502_with_a_sanitised_message() {
-    let app = spawn_app().await;
     for status in [500, 502, 503] {
+        // A fresh gateway each time: repeated failures would (rightly) open the key's circuit.
+        let app = spawn_app().await;
         let response = app
             .generate(&body(&format!("[mock:status={status}] a cat")))
             .await;
@@ -67,13 +80,14 @@ async fn upstream_5xx_becomes_502_with_a_sanitised_message() {
 }
 
 #[tokio::test]
-async fn upstream_refusing_the_server_key_is_a_502_not_a_client_401() {
+async fn upstream_refusing_the_only_server_key_is_a_503_not_a_client_401() {
     let app = spawn_app().await;
     let response = app.generate(&body("[mock:status=401] a cat")).await;
-    assert_eq!(response.status(), 502);
+    assert_eq!(response.status(), 503);
     assert!(response.headers().get("www-authenticate").is_none());
     let error = error_body(response).await;
-    assert_eq!(error["type"], "upstream_error");
+    assert_eq!(error["type"], "server_error");
+    assert_eq!(error["code"], "upstream_unavailable");
     assert_sanitised(&error, &app);
 }
 
