@@ -133,25 +133,20 @@ pub enum RateLimitError {
 }
 
 fn limited_message(limit: &LimitKind, allowed: &u32, retry_after: &Duration) -> String {
+    let per_minute = match limit {
+        LimitKind::Requests => "requests",
+        LimitKind::Images => "images",
+        LimitKind::Polls => "task polls",
+        LimitKind::Concurrency => {
+            return format!(
+                "Too many requests in flight (limit {allowed} at once). Retry when one of them finishes."
+            );
+        }
+    };
     let wait = go_duration(*retry_after);
-    match limit {
-        LimitKind::Requests => {
-            format!(
-                "Rate limit reached for requests per minute (limit {allowed}). Try again in {wait}."
-            )
-        }
-        LimitKind::Images => {
-            format!(
-                "Rate limit reached for images per minute (limit {allowed}). Try again in {wait}."
-            )
-        }
-        LimitKind::Polls => format!(
-            "Rate limit reached for task polls per minute (limit {allowed}). Try again in {wait}."
-        ),
-        LimitKind::Concurrency => format!(
-            "Too many requests in flight (limit {allowed} at once). Retry when one of them finishes."
-        ),
-    }
+    format!(
+        "Rate limit reached for {per_minute} per minute (limit {allowed}). Try again in {wait}."
+    )
 }
 
 impl RateLimitError {
