@@ -168,6 +168,14 @@ impl ApiError {
         .with_retry_after(retry_after)
     }
 
+    /// 429 because this client went over one of its own rate limits (SPEC §7). The message
+    /// names the limit; `retry_after` is when the request would conform.
+    pub fn rate_limited(message: impl Into<Cow<'static, str>>, retry_after: Duration) -> Self {
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, ErrorType::Requests, message)
+            .with_code("rate_limit_exceeded")
+            .with_retry_after(retry_after)
+    }
+
     pub fn request_timeout() -> Self {
         ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,

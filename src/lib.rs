@@ -12,6 +12,7 @@ pub mod demo;
 pub mod error;
 pub mod generate;
 pub mod mock_upstream;
+pub mod rate_limit;
 pub mod router;
 pub mod telemetry;
 pub mod upstream;
