@@ -24,7 +24,9 @@
 //!
 //! # Policy (`Cache-Control` request directives, RFC 9111 §5.2.1)
 //! - `no-cache`: the client wants a fresh generation. The request neither reads the store nor
-//!   joins a generation that started before it asked; its result replaces the stored entry.
+//!   joins a generation that started before it asked (that one may be working from an answer
+//!   the client no longer wants), and its result replaces the stored entry. Requests arriving
+//!   while it runs may join it: it is exactly the fresh answer they would otherwise make.
 //! - `no-store`: nothing of this response is kept. The request may still be answered from the
 //!   store or by joining a generation in flight, as RFC 9111 allows ("the no-store request
 //!   directive does not apply to the already stored response"); a generation it runs itself is
@@ -38,7 +40,9 @@
 //! (its quota, its budget), so the joined requests instead look again: one of them runs its own
 //! work and the others join that; a request that has seen two joined generations fail runs its
 //! own work without joining again. A request's `work` therefore runs at most once, and nobody
-//! waits on more than two generations before its own.
+//! waits on more than two generations before its own. A generation whose task panicked counts
+//! as failed for those who joined it; its leader gets [`GenerationLost`] (a 500 for
+//! [`ApiError`]).
 //!
 //! # Lifetime of entries
 //! `ttl_secs` must stay below the upstream's image-URL lifetime: `response_format = "url"`
@@ -705,6 +709,33 @@ mod tests {
         assert!(lock(&cache.in_flight).is_empty());
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn racing_requests_on_many_threads_generate_each_key_once() {
+        let cache: Arc<ResponseCache> = Arc::new(ResponseCache::new(&config(CacheScope::Shared)));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let requests: Vec<_> = (0..400u32)
+            .map(|i| {
+                let (cache, calls) = (Arc::clone(&cache), Arc::clone(&calls));
+                tokio::spawn(async move {
+                    let key = CacheKey(Sha256::digest((i % 8).to_be_bytes()).into());
+                    let work = async move {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        tokio::task::yield_now().await;
+                        Ok(answer("image"))
+                    };
+                    cache.get_or_generate(key, CachePolicy::NORMAL, work).await
+                })
+            })
+            .collect();
+        for request in join_all(requests).await {
+            assert!(request.unwrap().0.is_ok());
+        }
+        // Whenever a request arrives, the answer is either stored or in flight: never neither.
+        assert_eq!(calls.load(Ordering::SeqCst), 8);
+        let stats = cache.stats();
+        assert_eq!((stats.misses, stats.hits + stats.coalesced), (8, 392));
+    }
+
     #[tokio::test]
     async fn client_scope_keeps_clients_apart_and_shared_scope_does_not() {
         let world = World::new();
@@ -879,6 +910,8 @@ mod tests {
         let (stored, outcome) = run(fox, CachePolicy::NORMAL, "unused").await;
         assert_eq!((body(&stored), outcome), (&b"new"[..], CacheOutcome::Hit));
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+        cache.entries.run_pending_tasks().await;
+        assert_eq!(cache.stats().evictions, 0, "a refresh is not an eviction");
 
         // no-store may be served what is stored, but keeps nothing of its own.
         let (stored, outcome) = run(fox, policy("no-store"), "unused").await;
