@@ -24,7 +24,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::ClientKeys;
+use crate::cache::ResponseCache;
 use crate::config::{Config, ConfigError, Env, ServerConfig};
+use crate::rate_limit::{MonotonicClock, RateLimits};
 use crate::router;
 use crate::upstream::Upstreams;
 use crate::validate::Models;
@@ -38,6 +40,10 @@ use crate::validate::Models;
 pub struct Gateway {
     /// `[server]` as at start: listeners and HTTP limits need a restart to change.
     pub server: ServerConfig,
+    /// Per-client rate limits; reconfigured (not reset) on reload.
+    pub limits: RateLimits,
+    /// The response cache (`[cache]` as at start).
+    pub cache: ResponseCache,
     runtime: RwLock<Arc<Runtime>>,
     /// Unix seconds at start, reported as `created` of models.
     pub started_at: u64,
@@ -87,14 +93,19 @@ impl Gateway {
         if toml::to_string(&runtime.config.server).ok() != toml::to_string(&self.server).ok()
             || runtime.config.storage.path != current.config.storage.path
             || runtime.config.storage.backend != current.config.storage.backend
+            || toml::to_string(&runtime.config.cache).ok()
+                != toml::to_string(&current.config.cache).ok()
         {
             tracing::warn!(
-                "config reload: [server] and [storage] changes take effect only after a restart"
+                "config reload: [server], [storage] and [cache] changes take effect only after a restart"
             );
         }
         if runtime.clients.is_empty() {
             tracing::warn!("no [[clients]] configured: every request will be refused with 401");
         }
+        // Limits first: a client added by this reload must exist in the limiter before its key
+        // can authenticate.
+        self.limits.reconfigure(&runtime.clients.limits());
         let summary = (
             runtime.clients.len(),
             runtime.config.models.len(),
@@ -158,6 +169,8 @@ impl App {
         }
         let state = Arc::new(Gateway {
             server: runtime.config.server.clone(),
+            limits: RateLimits::new(&runtime.clients.limits(), Arc::new(MonotonicClock::new())),
+            cache: ResponseCache::new(&runtime.config.cache),
             runtime: RwLock::new(Arc::new(runtime)),
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -246,6 +259,13 @@ impl App {
         );
         stop_public.cancel();
         let _ = public.await;
+        // Upstream calls whose clients went away still finish and are recorded.
+        if tokio::time::timeout(grace, self.state.cache.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("grace period over with upstream calls still running");
+        }
         stop_admin.cancel();
         let _ = admin.await;
         tracing::info!("shutdown complete");

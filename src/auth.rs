@@ -66,12 +66,15 @@ type KeyDigest = [u8; 32];
 #[derive(Debug, Default)]
 pub struct ClientKeys {
     by_digest: HashMap<KeyDigest, Arc<Client>>,
+    /// Each client once, in config order.
+    clients: Vec<Arc<Client>>,
 }
 
 impl ClientKeys {
     /// Builds the table from a validated config (digests are 64 hex chars there).
     pub fn from_config(config: &Config) -> Self {
         let mut by_digest = HashMap::new();
+        let mut clients = Vec::with_capacity(config.clients.len());
         for c in &config.clients {
             let client = Arc::new(Client {
                 id: ClientId(Arc::from(c.id.as_str())),
@@ -84,8 +87,9 @@ impl ClientKeys {
                     by_digest.insert(digest, Arc::clone(&client));
                 }
             }
+            clients.push(client);
         }
-        ClientKeys { by_digest }
+        ClientKeys { by_digest, clients }
     }
 
     /// Authenticates an `Authorization` header value.
@@ -107,6 +111,19 @@ impl ClientKeys {
 
     pub fn len(&self) -> usize {
         self.by_digest.len()
+    }
+
+    /// Every configured client, once each, in config order.
+    pub fn clients(&self) -> &[Arc<Client>] {
+        &self.clients
+    }
+
+    /// Each client's id with its effective limits.
+    pub fn limits(&self) -> Vec<(ClientId, ClientLimits)> {
+        self.clients
+            .iter()
+            .map(|c| (c.id.clone(), c.limits.clone()))
+            .collect()
     }
 
     pub fn is_empty(&self) -> bool {

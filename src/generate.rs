@@ -1,32 +1,55 @@
-//! The generation pipeline, in the order a request goes through it.
+//! The generation pipeline, in the order a request goes through it:
 //!
-//! validate → upstream, for now. Later stages (cache lookup, quota reservation, usage commit,
-//! cache insert) slot into this one function in that order, so the whole path stays readable
-//! top to bottom.
+//! 1. validate: the body against the model's rules and the client's rights;
+//! 2. admit: the client's rate limits (requests, images, concurrency), atomically;
+//! 3. cache: serve an identical earlier answer, or join an identical call in flight;
+//! 4. otherwise, in its own task so a client disconnect cannot cut it short:
+//!    quota reserve → upstream (key pool, retries, failover) → usage commit or refund,
+//!    and the cache stores a success.
+//!
+//! Every stage is a call into the module that owns it; this file only fixes the order.
 
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
+use tracing::Instrument;
 
 use crate::app::Gateway;
 use crate::auth::AuthenticatedClient;
+use crate::cache::{CacheOutcome, CachePolicy};
 use crate::error::ApiError;
+use crate::rate_limit::RateHeaders;
 use crate::telemetry::{RequestFacts, loggable_prompt};
 use crate::upstream::UpstreamResponse;
 use crate::validate::validate;
 
-/// Runs one synchronous generation for `client`. Facts for the request log are recorded in
-/// `facts` as they become known, so a failure still logs how far the request got.
+/// A finished generation and how it was obtained.
+pub struct Generated {
+    pub response: UpstreamResponse,
+    pub cache: CacheOutcome,
+}
+
+/// What the HTTP layer needs besides the result: the rate-limit headers (on successes and
+/// failures alike) and facts for the request log, recorded as they become known so a failure
+/// still logs how far the request got.
+#[derive(Default)]
+pub struct Trace {
+    pub facts: RequestFacts,
+    pub rate_headers: Option<RateHeaders>,
+}
+
+/// Runs one synchronous generation for `client`.
 pub async fn generate(
     gateway: &Gateway,
     client: &AuthenticatedClient,
     body: &Map<String, Value>,
-    facts: &mut RequestFacts,
-) -> Result<UpstreamResponse, ApiError> {
+    cache_control: Option<&str>,
+    trace: &mut Trace,
+) -> Result<Generated, ApiError> {
     let runtime = gateway.runtime();
     let request = validate(body, &runtime.models, client)?;
-    facts.model = Some(Arc::from(request.model.name()));
-    facts.prompt = loggable_prompt(runtime.config.log.prompts, &request.prompt);
+    trace.facts.model = Some(Arc::from(request.model.name()));
+    trace.facts.prompt = loggable_prompt(runtime.config.log.prompts, &request.prompt);
     if request.is_async {
         return Err(ApiError::invalid_request(
             "async: true is not available on this gateway yet; omit it for a synchronous answer",
@@ -34,16 +57,45 @@ pub async fn generate(
         ));
     }
 
-    let response = runtime
-        .upstreams
-        .generate(&request, client.id.as_str())
-        .await
-        .map_err(|e| {
-            tracing::warn!(error = %e, kind = e.kind(), "upstream call failed");
-            ApiError::from(e)
-        })?;
-    facts.upstream = Some(Arc::clone(&response.upstream));
-    facts.upstream_key = Some(Arc::clone(&response.key_id));
-    facts.images = Some(response.images);
-    Ok(response)
+    let admission = gateway.limits.admit(&client.id, request.n).map_err(|e| {
+        trace.rate_headers = e.headers().cloned();
+        ApiError::from(e)
+    })?;
+    trace.rate_headers = Some(admission.headers);
+
+    let policy = CachePolicy::from_request(
+        cache_control,
+        client.limits.cache,
+        runtime.config.cache.enabled,
+    );
+    let key = gateway.cache.key(&request, &client.id);
+    let work = {
+        let runtime = Arc::clone(&runtime);
+        let client_id = client.id.clone();
+        let permit = admission.permit;
+        async move {
+            // The client's concurrency slot stays taken until the upstream call is over, even
+            // if the client has gone.
+            let _permit = permit;
+            runtime
+                .upstreams
+                .generate(&request, client_id.as_str())
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, kind = e.kind(), "upstream call failed");
+                    ApiError::from(e)
+                })
+        }
+        .instrument(tracing::Span::current())
+    };
+    let (result, outcome) = gateway.cache.get_or_generate(key, policy, work).await;
+    trace.facts.cache = Some(outcome.as_str());
+    let response = result?;
+    trace.facts.upstream = Some(Arc::clone(&response.upstream));
+    trace.facts.upstream_key = Some(Arc::clone(&response.key_id));
+    trace.facts.images = Some(response.images);
+    Ok(Generated {
+        response,
+        cache: outcome,
+    })
 }

@@ -282,6 +282,7 @@ impl Config {
                 }
             }
         }
+        check_limits("client_defaults", &self.client_defaults)?;
         let mut client_ids = HashSet::new();
         let mut digests = HashSet::new();
         for (i, c) in self.clients.iter().enumerate() {
@@ -325,6 +326,7 @@ impl Config {
                     "at least one key digest is required",
                 ));
             }
+            check_limits(&at, &c.limits(&self.client_defaults))?;
             for m in &c.models {
                 if !model_names.contains(m.as_str()) {
                     return Err(invalid(
@@ -418,6 +420,20 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
+}
+
+/// Rate limits of zero would refuse every request forever: almost certainly a typo.
+fn check_limits(at: &str, limits: &ClientLimits) -> Result<(), ConfigError> {
+    for (key, v) in [
+        ("requests_per_minute", limits.requests_per_minute),
+        ("images_per_minute", limits.images_per_minute),
+        ("max_concurrent", limits.max_concurrent),
+    ] {
+        if v == 0 {
+            return Err(invalid(format!("{at}.{key}"), "must be at least 1"));
+        }
+    }
+    Ok(())
 }
 
 /// Parses `WIDTHxHEIGHT`.

@@ -48,6 +48,12 @@ pub fn base_config(mock_base_url: &str, client_key: &str, other_client_key: &str
     config.server.shutdown_grace_secs = 5;
     config.storage.backend = StorageBackend::Memory;
     config.admin.token_env = Some(ADMIN_TOKEN_VAR.to_owned());
+    // Generous defaults so only tests about limits meet them.
+    config.client_defaults.requests_per_minute = 100_000;
+    config.client_defaults.images_per_minute = 100_000;
+    config.client_defaults.max_concurrent = 10_000;
+    config.client_defaults.images_per_day = 1_000_000;
+    config.client_defaults.images_per_month = 10_000_000;
     let mut upstream = UpstreamConfig::new("primary", mock_base_url);
     upstream.timeout_secs = 10;
     upstream.connect_timeout_secs = 2;
