@@ -467,6 +467,12 @@ where
     }
 
     /// Counters for metrics.
+    /// Applies moka's pending housekeeping (evictions, weights), so that `stats` is exact.
+    /// Metrics scrapes call it; requests never wait for it.
+    pub async fn settle(&self) {
+        self.entries.run_pending_tasks().await;
+    }
+
     pub fn stats(&self) -> CacheStats {
         let c = &self.counters;
         CacheStats {

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use imagegate::App;
+use imagegate::app::AppState;
 use imagegate::auth::key_digest_hex;
 use imagegate::config::{
     ClientConfig, Config, Env, ModelConfig, StorageBackend, UpstreamConfig, UpstreamKeyConfig,
@@ -29,6 +30,7 @@ pub struct TestApp {
     /// Client `team-b`'s key (may only use MODEL).
     pub other_client_key: String,
     pub http: reqwest::Client,
+    pub state: AppState,
     shutdown: CancellationToken,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -99,6 +101,7 @@ pub async fn spawn_app_with(options: MockOptions, tweak: impl FnOnce(&mut Config
     let app = App::build(config, &env).await.expect("app builds");
     let addr = app.public_addr();
     let admin_addr = app.admin_addr();
+    let state = app.state().clone();
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     let handle = tokio::spawn(async move { app.run(stop.cancelled_owned()).await });
@@ -110,6 +113,7 @@ pub async fn spawn_app_with(options: MockOptions, tweak: impl FnOnce(&mut Config
         client_key,
         other_client_key,
         http: http_client(),
+        state,
         shutdown,
         handle: Some(handle),
     }

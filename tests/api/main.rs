@@ -10,9 +10,11 @@ mod helpers;
 mod process;
 
 mod bad_input;
+mod cache;
 mod cli;
 mod generations;
 mod hygiene;
+mod limits;
 mod reload;
 mod secrets;
 mod upstream_faults;
