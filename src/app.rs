@@ -28,6 +28,7 @@ use crate::cache::ResponseCache;
 use crate::config::{Config, ConfigError, Env, ServerConfig};
 use crate::rate_limit::{MonotonicClock, RateLimits};
 use crate::router;
+use crate::telemetry::metrics::Metrics;
 use crate::upstream::Upstreams;
 use crate::validate::Models;
 
@@ -44,6 +45,7 @@ pub struct Gateway {
     pub limits: RateLimits,
     /// The response cache (`[cache]` as at start).
     pub cache: ResponseCache,
+    pub metrics: Arc<Metrics>,
     runtime: RwLock<Arc<Runtime>>,
     /// Unix seconds at start, reported as `created` of models.
     pub started_at: u64,
@@ -62,13 +64,17 @@ pub struct Runtime {
 
 impl Runtime {
     /// Builds everything a config describes, resolving its secrets from `env`.
-    pub fn build(config: Config, env: &Env) -> Result<Runtime, ConfigError> {
+    pub fn build(
+        config: Config,
+        env: &Env,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Runtime, ConfigError> {
         config.validate()?;
         let secrets = config.resolve_secrets(env)?;
         Ok(Runtime {
             clients: ClientKeys::from_config(&config),
             models: Models::from_config(&config),
-            upstreams: Upstreams::from_config(&config, &secrets)?,
+            upstreams: Upstreams::from_config(&config, &secrets, Arc::clone(metrics))?,
             admin_token: secrets.admin_token,
             config,
         })
@@ -88,7 +94,7 @@ impl Gateway {
     /// Replaces the reloadable config. In-flight requests keep the snapshot they started with.
     /// Settings that need a restart (`[server]`, `[storage]`) are reported and left as they are.
     pub fn reload(&self, config: Config, env: &Env) -> Result<(), ConfigError> {
-        let runtime = Runtime::build(config, env)?;
+        let runtime = Runtime::build(config, env, &self.metrics)?;
         let current = self.runtime();
         if toml::to_string(&runtime.config.server).ok() != toml::to_string(&self.server).ok()
             || runtime.config.storage.path != current.config.storage.path
@@ -163,7 +169,8 @@ impl App {
     /// Resolves secrets from `env`, builds the state, and binds both listeners.
     pub async fn build(config: Config, env: &Env) -> anyhow::Result<App> {
         install_crypto_provider();
-        let runtime = Runtime::build(config, env)?;
+        let metrics = Arc::new(Metrics::new());
+        let runtime = Runtime::build(config, env, &metrics)?;
         if runtime.clients.is_empty() {
             tracing::warn!("no [[clients]] configured: every request will be refused with 401");
         }
@@ -171,6 +178,7 @@ impl App {
             server: runtime.config.server.clone(),
             limits: RateLimits::new(&runtime.clients.limits(), Arc::new(MonotonicClock::new())),
             cache: ResponseCache::new(&runtime.config.cache),
+            metrics,
             runtime: RwLock::new(Arc::new(runtime)),
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)

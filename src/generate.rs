@@ -18,7 +18,8 @@ use crate::app::Gateway;
 use crate::auth::AuthenticatedClient;
 use crate::cache::{CacheOutcome, CachePolicy};
 use crate::error::ApiError;
-use crate::rate_limit::RateHeaders;
+use crate::rate_limit::{RateHeaders, RateLimitError};
+use crate::telemetry::metrics::{CacheLabels, ImageLabels, RateLimitedLabels};
 use crate::telemetry::{RequestFacts, loggable_prompt};
 use crate::upstream::UpstreamResponse;
 use crate::validate::validate;
@@ -59,6 +60,16 @@ pub async fn generate(
 
     let admission = gateway.limits.admit(&client.id, request.n).map_err(|e| {
         trace.rate_headers = e.headers().cloned();
+        if let RateLimitError::Limited { limit, .. } = &e {
+            gateway
+                .metrics
+                .rate_limited
+                .get_or_create(&RateLimitedLabels {
+                    client: client.id.to_string(),
+                    limit: limit.as_str(),
+                })
+                .inc();
+        }
         ApiError::from(e)
     })?;
     trace.rate_headers = Some(admission.headers);
@@ -71,25 +82,43 @@ pub async fn generate(
     let key = gateway.cache.key(&request, &client.id);
     let work = {
         let runtime = Arc::clone(&runtime);
+        let metrics = Arc::clone(&gateway.metrics);
         let client_id = client.id.clone();
         let permit = admission.permit;
         async move {
             // The client's concurrency slot stays taken until the upstream call is over, even
             // if the client has gone.
             let _permit = permit;
-            runtime
+            let response = runtime
                 .upstreams
                 .generate(&request, client_id.as_str())
                 .await
                 .map_err(|e| {
                     tracing::warn!(error = %e, kind = e.kind(), "upstream call failed");
                     ApiError::from(e)
+                })?;
+            metrics
+                .images
+                .get_or_create(&ImageLabels {
+                    client: client_id.to_string(),
+                    model: request.model.name().to_owned(),
+                    size: request.size.clone(),
+                    quality: request.quality.clone(),
                 })
+                .inc_by(response.images as u64);
+            Ok(response)
         }
         .instrument(tracing::Span::current())
     };
     let (result, outcome) = gateway.cache.get_or_generate(key, policy, work).await;
     trace.facts.cache = Some(outcome.as_str());
+    gateway
+        .metrics
+        .cache_requests
+        .get_or_create(&CacheLabels {
+            outcome: outcome.as_str(),
+        })
+        .inc();
     let response = result?;
     trace.facts.upstream = Some(Arc::clone(&response.upstream));
     trace.facts.upstream_key = Some(Arc::clone(&response.key_id));

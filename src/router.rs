@@ -5,6 +5,7 @@
 //! → handler. Rate limits and quotas are part of the generation pipeline, after auth.
 
 use std::any::Any;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -35,7 +36,7 @@ pub fn public(state: AppState) -> Router {
                 // First, so the log line, errors and the response all carry the same id.
                 .layer(from_fn(request_id))
                 // Outside the panic catcher and the timeout, so those requests are logged too.
-                .layer(from_fn(log_request))
+                .layer(from_fn_with_state(Arc::clone(&state.metrics), log_request))
                 // A handler panic becomes an OpenAI-shaped 500 instead of a dropped connection.
                 .layer(CatchPanicLayer::custom(panic_response))
                 // The whole request, including the upstream call; answers 504, never 408
@@ -52,6 +53,7 @@ pub fn admin(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(admin::healthz))
         .route("/readyz", get(admin::readyz))
+        .route("/metrics", get(admin::metrics))
         .fallback(api::route_not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(

@@ -1,11 +1,13 @@
-//! The admin listener's routes: liveness and readiness.
+//! The admin listener's routes: liveness, readiness, metrics.
 
 use std::sync::atomic::Ordering;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 
 use crate::app::AppState;
+use crate::telemetry::metrics;
 
 /// The process is up and answering.
 pub async fn healthz() -> &'static str {
@@ -22,4 +24,19 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str)
         return (StatusCode::SERVICE_UNAVAILABLE, "no usable upstream key\n");
     }
     (StatusCode::OK, "ready\n")
+}
+
+/// Prometheus scrape: state gauges are refreshed from their owners first.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    state.cache.settle().await;
+    state.metrics.set_cache(&state.cache.stats());
+    state.metrics.set_pools(&state.runtime().upstreams.status());
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(metrics::CONTENT_TYPE),
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
 }

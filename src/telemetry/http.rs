@@ -2,12 +2,15 @@
 
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request};
+use std::sync::Arc;
+
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
 use tracing::Instrument;
 
+use super::metrics::{HttpLabels, Metrics, RouteLabels};
 use super::{RequestFacts, is_valid_request_id};
 use crate::error::ErrorKind;
 
@@ -41,9 +44,13 @@ fn new_request_id() -> HeaderValue {
     HeaderValue::try_from(text).unwrap_or_else(|_| HeaderValue::from_static("req_unknown"))
 }
 
-/// Runs the request inside a span carrying its id, then writes its one log line from the
-/// facts the handler and any error left in the response.
-pub async fn log_request(request: Request, next: Next) -> Response {
+/// Runs the request inside a span carrying its id, then writes its one log line (and its HTTP
+/// metrics) from the facts the handler and any error left in the response.
+pub async fn log_request(
+    State(metrics): State<Arc<Metrics>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let route = request
         .extensions()
@@ -82,5 +89,21 @@ pub async fn log_request(request: Request, next: Next) -> Response {
         error_kind,
         "request"
     );
+    let client = facts
+        .and_then(|x| x.client.as_ref())
+        .map_or("-", |c| c.as_str())
+        .to_owned();
+    metrics
+        .http_requests
+        .get_or_create(&HttpLabels {
+            route: route.clone(),
+            status,
+            client,
+        })
+        .inc();
+    metrics
+        .http_request_duration
+        .get_or_create(&RouteLabels { route })
+        .observe(latency_ms / 1000.0);
     response
 }

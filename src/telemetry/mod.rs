@@ -9,6 +9,7 @@
 //! `log.prompts` allows.
 
 pub mod http;
+pub mod metrics;
 
 use std::sync::Arc;
 

@@ -37,6 +37,7 @@ use serde::Serialize;
 
 use crate::config::{Config, ConfigError, Secrets};
 use crate::error::ApiError;
+use crate::telemetry::metrics::{Metrics, UpstreamLabels, UpstreamOutcomeLabels};
 use crate::validate::ValidRequest;
 use pool::{KeyLease, KeyPool, PoolError, PoolKey, PoolStatus};
 
@@ -63,6 +64,7 @@ pub struct Upstream {
 #[derive(Debug)]
 pub struct Upstreams {
     list: Vec<Upstream>,
+    metrics: Arc<Metrics>,
 }
 
 /// A successful generation, body untouched.
@@ -289,7 +291,11 @@ pub fn forwarded_body(request: &ValidRequest) -> Vec<u8> {
 }
 
 impl Upstreams {
-    pub fn from_config(config: &Config, secrets: &Secrets) -> Result<Upstreams, ConfigError> {
+    pub fn from_config(
+        config: &Config,
+        secrets: &Secrets,
+        metrics: Arc<Metrics>,
+    ) -> Result<Upstreams, ConfigError> {
         let mut list = Vec::with_capacity(config.upstreams.len());
         for (u, keys) in config.upstreams.iter().zip(&secrets.upstream_keys) {
             let base = u.base_url.trim_end_matches('/');
@@ -336,7 +342,7 @@ impl Upstreams {
                 budget: RetryBudget::new(),
             });
         }
-        Ok(Upstreams { list })
+        Ok(Upstreams { list, metrics })
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Upstream> {
@@ -388,7 +394,11 @@ impl Upstreams {
                     continue;
                 }
             };
-            match upstream.attempt(lease, body.clone()).await {
+            let key_id = Arc::clone(&lease.key_id);
+            let started = std::time::Instant::now();
+            let attempt = upstream.attempt(lease, body.clone()).await;
+            self.record(upstream, &key_id, &attempt, started.elapsed());
+            match attempt {
                 Attempt::Done(response) => return Ok(response),
                 Attempt::MoveOn(e) => last = Some(e),
                 Attempt::Fail(e) => return Err(e),
@@ -409,6 +419,35 @@ impl Upstreams {
             }
         }
         Err(last.unwrap_or(UpstreamError::NoUpstream))
+    }
+}
+
+impl Upstreams {
+    fn record(&self, upstream: &Upstream, key: &str, attempt: &Attempt, took: Duration) {
+        let outcome = match attempt {
+            Attempt::Done(_) => "success",
+            Attempt::MoveOn(UpstreamError::Busy { .. }) => "rate_limited",
+            Attempt::MoveOn(_) => "refused",
+            Attempt::Retry(UpstreamError::Status(_)) => "server_error",
+            Attempt::Retry(_) => "connect_error",
+            Attempt::Fail(UpstreamError::Timeout) => "timeout",
+            Attempt::Fail(UpstreamError::Rejected { .. }) => "rejected",
+            Attempt::Fail(_) => "bad_response",
+        };
+        self.metrics
+            .upstream_requests
+            .get_or_create(&UpstreamOutcomeLabels {
+                upstream: upstream.name.to_string(),
+                key: key.to_owned(),
+                outcome,
+            })
+            .inc();
+        self.metrics
+            .upstream_request_duration
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.name.to_string(),
+            })
+            .observe(took.as_secs_f64());
     }
 }
 

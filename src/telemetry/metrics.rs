@@ -1,0 +1,311 @@
+//! Every Prometheus metric imagegate exports, declared once (SPEC §8), with typed label sets.
+//!
+//! Counters and histograms are updated where things happen (request log middleware, upstream
+//! attempts, the pipeline). Gauges that describe state (quotas, key states, queue depth, cache
+//! size) are filled from their owners at scrape time by [`Metrics::render`], so they are never
+//! stale and no background task is needed.
+//!
+//! Label values are bounded: routes are matched templates (never raw paths), clients are
+//! configured ids (or `-` before authentication), upstreams and keys are configured ids.
+
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::cache::CacheStats;
+use crate::upstream::pool::{KeyHealth, PoolStatus};
+
+/// From a 1 ms rejection to a 300 s generation.
+const LATENCY_BUCKETS: [f64; 18] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+    120.0, 300.0,
+];
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub route: String,
+    pub status: u16,
+    pub client: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ImageLabels {
+    pub client: String,
+    pub model: String,
+    pub size: String,
+    pub quality: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamOutcomeLabels {
+    pub upstream: String,
+    pub key: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyLabels {
+    pub upstream: String,
+    pub key: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyStateLabels {
+    pub upstream: String,
+    pub key: String,
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitedLabels {
+    pub client: String,
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QuotaLabels {
+    pub client: String,
+    pub window: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskStateLabels {
+    pub state: &'static str,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// All metrics, registered under the `imagegate_` prefix.
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub http_request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    pub images: Family<ImageLabels, Counter>,
+    pub upstream_requests: Family<UpstreamOutcomeLabels, Counter>,
+    pub upstream_request_duration: Family<UpstreamLabels, Histogram, fn() -> Histogram>,
+    pub rate_limited: Family<RateLimitedLabels, Counter>,
+    pub quota_used: Family<QuotaLabels, FloatGauge>,
+    pub quota_limit: Family<QuotaLabels, FloatGauge>,
+    pub cache_requests: Family<CacheLabels, Counter>,
+    pub cache_bytes: Gauge,
+    pub cache_entries: Gauge,
+    pub cache_evictions: Counter,
+    /// The eviction count last copied into `cache_evictions` (moka counts; we mirror deltas).
+    cache_evictions_seen: Mutex<u64>,
+    pub tasks: Family<TaskStateLabels, Gauge>,
+    pub upstream_queue_depth: Family<UpstreamLabels, Gauge>,
+    pub upstream_key_state: Family<KeyStateLabels, Gauge>,
+    pub upstream_ratelimit_remaining: Family<KeyLabels, Gauge>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("imagegate");
+        let m = Metrics {
+            http_requests: Family::default(),
+            http_request_duration: Family::new_with_constructor(latency_histogram),
+            images: Family::default(),
+            upstream_requests: Family::default(),
+            upstream_request_duration: Family::new_with_constructor(latency_histogram),
+            rate_limited: Family::default(),
+            quota_used: Family::default(),
+            quota_limit: Family::default(),
+            cache_requests: Family::default(),
+            cache_bytes: Gauge::default(),
+            cache_entries: Gauge::default(),
+            cache_evictions: Counter::default(),
+            cache_evictions_seen: Mutex::new(0),
+            tasks: Family::default(),
+            upstream_queue_depth: Family::default(),
+            upstream_key_state: Family::default(),
+            upstream_ratelimit_remaining: Family::default(),
+            registry: Registry::default(),
+        };
+        // Counters are registered without `_total`: the encoder appends it.
+        registry.register(
+            "http_requests",
+            "HTTP requests by matched route, status and client",
+            m.http_requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by matched route",
+            m.http_request_duration.clone(),
+        );
+        registry.register(
+            "images",
+            "Images generated upstream and delivered, by client, model, size and quality",
+            m.images.clone(),
+        );
+        registry.register(
+            "upstream_requests",
+            "Upstream attempts by upstream, key id and outcome",
+            m.upstream_requests.clone(),
+        );
+        registry.register(
+            "upstream_request_duration_seconds",
+            "Upstream attempt latency by upstream",
+            m.upstream_request_duration.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests refused by a client rate limit, by limit",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "quota_used",
+            "Quota used in the current window (images; budget in price units)",
+            m.quota_used.clone(),
+        );
+        registry.register(
+            "quota_limit",
+            "Quota limit of the current window",
+            m.quota_limit.clone(),
+        );
+        registry.register(
+            "cache_requests",
+            "Generation requests by cache outcome",
+            m.cache_requests.clone(),
+        );
+        registry.register(
+            "cache_bytes",
+            "Bytes held by the response cache",
+            m.cache_bytes.clone(),
+        );
+        registry.register(
+            "cache_entries",
+            "Entries in the response cache",
+            m.cache_entries.clone(),
+        );
+        registry.register(
+            "cache_evictions",
+            "Cache entries evicted for size or age",
+            m.cache_evictions.clone(),
+        );
+        registry.register("tasks", "Async tasks by state", m.tasks.clone());
+        registry.register(
+            "upstream_queue_depth",
+            "Requests waiting for an upstream key",
+            m.upstream_queue_depth.clone(),
+        );
+        registry.register(
+            "upstream_key_state",
+            "Upstream key state (1 for the current state of each key)",
+            m.upstream_key_state.clone(),
+        );
+        registry.register(
+            "upstream_ratelimit_remaining",
+            "Remaining requests the upstream last reported for a key",
+            m.upstream_ratelimit_remaining.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Mirrors moka's cumulative eviction count into the counter.
+    pub fn observe_cache_evictions(&self, total: u64) {
+        let mut seen = self
+            .cache_evictions_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if total > *seen {
+            self.cache_evictions.inc_by(total - *seen);
+            *seen = total;
+        }
+    }
+
+    /// Sets the cache gauges from the cache's own counters.
+    pub fn set_cache(&self, stats: &CacheStats) {
+        self.cache_bytes
+            .set(i64::try_from(stats.weighted_bytes).unwrap_or(i64::MAX));
+        self.cache_entries
+            .set(i64::try_from(stats.entries).unwrap_or(i64::MAX));
+        self.observe_cache_evictions(stats.evictions);
+    }
+
+    /// Sets key-state, queue and upstream-reported gauges from the key pools. Label sets of
+    /// keys that no longer exist (after a reload) are dropped.
+    pub fn set_pools(&self, pools: &[PoolStatus]) {
+        self.upstream_key_state.clear();
+        self.upstream_queue_depth.clear();
+        self.upstream_ratelimit_remaining.clear();
+        for pool in pools {
+            self.upstream_queue_depth
+                .get_or_create(&UpstreamLabels {
+                    upstream: pool.upstream.clone(),
+                })
+                .set(i64::try_from(pool.queue_depth).unwrap_or(i64::MAX));
+            for key in &pool.keys {
+                for state in KeyHealth::ALL {
+                    self.upstream_key_state
+                        .get_or_create(&KeyStateLabels {
+                            upstream: pool.upstream.clone(),
+                            key: key.id.clone(),
+                            state: state.as_str(),
+                        })
+                        .set(i64::from(key.state == state));
+                }
+                if let Some(remaining) = key
+                    .upstream_limits
+                    .as_ref()
+                    .and_then(|l| l.remaining_requests)
+                {
+                    self.upstream_ratelimit_remaining
+                        .get_or_create(&KeyLabels {
+                            upstream: pool.upstream.clone(),
+                            key: key.id.clone(),
+                        })
+                        .set(i64::try_from(remaining).unwrap_or(i64::MAX));
+                }
+            }
+        }
+    }
+
+    /// The registry in Prometheus/OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+            tracing::error!("metrics encoding failed");
+        }
+        text
+    }
+}
+
+/// The content type of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
