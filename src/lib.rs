@@ -13,6 +13,7 @@ pub mod error;
 pub mod generate;
 pub mod mock_upstream;
 pub mod router;
+pub mod storage;
 pub mod telemetry;
 pub mod upstream;
 pub mod validate;
