@@ -408,7 +408,15 @@ fn run_writer(conn: Connection, queue: mpsc::Receiver<Command>) {
             apply_batch(&mut conn, batch);
         }
     }
-    // Closing the last connection checkpoints the WAL into the main file.
+    if close_ack.is_some() {
+        // Graceful stop: fold the WAL into the main file now, since the read connection may
+        // outlive this one and a read-only connection never checkpoints. Best effort: the
+        // WAL is durable either way and the next open replays it.
+        let checkpoint = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        if let Err(e) = checkpoint {
+            tracing::warn!(error = %e, "checkpointing the database at shutdown failed");
+        }
+    }
     if let Err((_, e)) = conn.close() {
         tracing::warn!(error = %e, "closing the database write connection failed");
     }
