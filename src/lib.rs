@@ -16,6 +16,7 @@ pub mod router;
 pub mod storage;
 pub mod telemetry;
 pub mod upstream;
+pub mod usage;
 pub mod validate;
 
 pub use app::{App, Gateway};
