@@ -21,6 +21,8 @@ mod quota;
 mod report;
 mod sql;
 mod store;
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
