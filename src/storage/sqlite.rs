@@ -118,6 +118,14 @@ impl Database {
         })
     }
 
+    /// [`Database::open`] on the blocking pool, for async start-up code.
+    pub async fn open_async(path: &Path) -> Result<Database, StorageError> {
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || Database::open(&path))
+            .await
+            .map_err(|_| StorageError::Panicked)?
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -202,6 +210,42 @@ impl Reader {
         Ok(Reader {
             conn: Arc::new(Mutex::new(conn)),
         })
+    }
+
+    /// A read-only view of an existing database that another process may be serving from
+    /// (`imagegate usage`): nothing is created, migrated or settled. Refuses a file that is
+    /// not an imagegate database or is newer than this build.
+    pub async fn open_existing(path: &Path) -> Result<Reader, StorageError> {
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || {
+            if !path.is_file() {
+                return Err(StorageError::Open {
+                    path: path.display().to_string(),
+                    reason: "no such file".to_owned(),
+                });
+            }
+            let reader = Reader::open(&path)?;
+            let found: i64 = {
+                let conn = reader.conn.lock().unwrap_or_else(PoisonError::into_inner);
+                conn.pragma_query_value(None, "user_version", |row| row.get(0))?
+            };
+            if found > schema_version() {
+                return Err(StorageError::SchemaTooNew {
+                    path: path.display().to_string(),
+                    found,
+                    known: schema_version(),
+                });
+            }
+            if found < 1 {
+                return Err(StorageError::Open {
+                    path: path.display().to_string(),
+                    reason: "not an imagegate database (no schema)".to_owned(),
+                });
+            }
+            Ok(reader)
+        })
+        .await
+        .map_err(|_| StorageError::Panicked)?
     }
 
     /// Runs `read` in one read transaction, so everything it queries is one consistent
@@ -521,6 +565,32 @@ mod tests {
             message.contains("schema version 99") && message.contains("newer"),
             "{message}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_existing_file_can_be_read_without_writing_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        assert!(Reader::open_existing(&path).await.is_err());
+        assert!(!path.exists(), "a read-only open must not create the file");
+        let db = Database::open_async(&path).await.unwrap();
+        db.writer().execute(|tx| insert(tx, "a")).await.unwrap();
+        // While the writer is open, and after it closed and the WAL was folded in.
+        let live = Reader::open_existing(&path).await.unwrap();
+        assert_eq!(live.read(count).await.unwrap(), 1);
+        db.writer().close().await;
+        drop((db, live));
+        let after = Reader::open_existing(&path).await.unwrap();
+        assert_eq!(after.read(count).await.unwrap(), 1);
+        let written = after.read(|c| Ok(insert_via(c)?)).await;
+        assert!(written.is_err(), "the reader must not be able to write");
+    }
+
+    fn insert_via(conn: &Connection) -> rusqlite::Result<usize> {
+        conn.execute(
+            "INSERT INTO usage_daily (client, day, model, size, quality) VALUES ('x', '2026-11-25', 'm', 's', 'q')",
+            [],
+        )
     }
 
     #[tokio::test]
