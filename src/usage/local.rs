@@ -21,7 +21,7 @@ use super::sql;
 use super::store::{LedgerStore, Reservation, UsageKey};
 use super::{LedgerError, ReserveError, ReserveRequest, to_micros};
 use crate::config::ClientLimits;
-use crate::storage::{Database, StorageError};
+use crate::storage::{Database, Reader};
 
 /// Where settled usage goes.
 enum Durability {
@@ -45,13 +45,9 @@ impl LocalStore {
         }
     }
 
-    /// Opens the file, settles what an unclean stop left pending, and loads the current
-    /// month's usage into the quota counters.
-    pub async fn open_sqlite(path: &Path, today: UtcDay) -> Result<LocalStore, LedgerError> {
-        let path = path.to_owned();
-        let db = tokio::task::spawn_blocking(move || Database::open(&path))
-            .await
-            .map_err(|_| StorageError::Panicked)??;
+    /// Settles what an unclean stop left pending in `db`, and loads the current month's
+    /// usage into the quota counters.
+    pub async fn from_database(db: Database, today: UtcDay) -> Result<LocalStore, LedgerError> {
         let settled = db.writer().execute(sql::settle_pending).await?;
         if settled.reservations > 0 {
             // Expected after kill -9 or a crash with requests in flight; charged in full
@@ -67,18 +63,8 @@ impl LocalStore {
             .reader()
             .read(move |conn| sql::usage_rows(conn, month.first_day(), month.last_day()))
             .await?;
-        let mut quotas = Quotas::default();
-        for row in &rows {
-            quotas.load(
-                &row.key.client,
-                today,
-                row.day,
-                row.tally.images,
-                row.tally.spend_micros,
-            );
-        }
         Ok(LocalStore {
-            quotas: Mutex::new(quotas),
+            quotas: Mutex::new(quotas_from(&rows, &[], today)),
             durability: Durability::Sqlite(db),
             next_id: AtomicU64::new(settled.next_id),
         })
@@ -142,6 +128,58 @@ impl LocalStore {
             tally,
         )
     }
+}
+
+/// Quota windows as of `today` from stored rows and pending holds.
+fn quotas_from(rows: &[UsageRow], pending: &[sql::PendingRow], today: UtcDay) -> Quotas {
+    let mut quotas = Quotas::default();
+    for row in rows {
+        quotas.load(
+            &row.key.client,
+            today,
+            row.day,
+            row.tally.images,
+            row.tally.spend_micros,
+        );
+    }
+    for hold in pending {
+        quotas.load_pending(
+            &hold.key.client,
+            today,
+            hold.day,
+            hold.images,
+            hold.cost_micros,
+        );
+    }
+    quotas
+}
+
+/// A report read straight from a database file through a read-only connection: nothing is
+/// written or settled, so it is safe while a gateway serves from the file. Pending
+/// reservations show as `reserved`.
+pub async fn report_from_file(
+    path: &Path,
+    clients: &[(String, ClientLimits)],
+    days: u32,
+    now: SystemTime,
+) -> Result<UsageReport, LedgerError> {
+    let reader = Reader::open_existing(path).await?;
+    let today = UtcDay::containing(now);
+    let from = report::first_day_needed(today, days);
+    let (rows, pending) = reader
+        .read(move |conn| {
+            Ok((
+                sql::usage_rows(conn, from, today)?,
+                sql::pending_reservations(conn)?,
+            ))
+        })
+        .await?;
+    let quotas = quotas_from(&rows, &pending, today);
+    let views: Vec<ClientQuota> = clients
+        .iter()
+        .map(|(id, _)| quotas.view(id, today))
+        .collect();
+    Ok(report::build(clients, &views, &rows, days, now))
 }
 
 /// A hold granted in memory whose row is not yet known to be committed. If the reserving

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use crate::config::{ClientLimits, StorageBackend, StorageConfig};
-use crate::storage::StorageError;
+use crate::storage::{Database, StorageError};
 
 pub use calendar::{UtcDay, UtcMonth};
 pub use report::{
@@ -214,11 +214,19 @@ impl Ledger {
             StorageBackend::Memory => Ok(Ledger::in_memory(clock)),
             StorageBackend::Redis => Err(LedgerError::BackendNotBuilt("redis")),
             StorageBackend::Sqlite => {
-                let today = UtcDay::containing(clock.now());
-                let store = local::LocalStore::open_sqlite(&config.path, today).await?;
-                Ok(Ledger::with_store(Arc::new(store), clock))
+                let db = Database::open_async(&config.path).await?;
+                Ledger::with_database(db, clock).await
             }
         }
+    }
+
+    /// A ledger on an already open database, for sharing the file (and its one writer)
+    /// with the task store. Settles what a crash left pending. Note that
+    /// [`close`](Ledger::close) stops that shared writer: call it last at shutdown.
+    pub async fn with_database(db: Database, clock: Arc<dyn Clock>) -> Result<Ledger, LedgerError> {
+        let today = UtcDay::containing(clock.now());
+        let store = local::LocalStore::from_database(db, today).await?;
+        Ok(Ledger::with_store(Arc::new(store), clock))
     }
 
     /// A ledger that keeps everything in memory (the demo, tests).
@@ -270,12 +278,9 @@ impl Ledger {
         only: Option<&str>,
         days: u32,
     ) -> Result<UsageReport, LedgerError> {
-        let selected: Vec<(String, ClientLimits)> = clients
-            .iter()
-            .filter(|(id, _)| only.is_none_or(|o| o == id))
-            .cloned()
-            .collect();
-        self.store.report(&selected, days, self.clock.now()).await
+        self.store
+            .report(&selected(clients, only), days, self.clock.now())
+            .await
     }
 
     /// `Ok` when the ledger can record usage now (the writer is alive and can lock the
@@ -289,6 +294,28 @@ impl Ledger {
     pub async fn close(&self) {
         self.store.close().await;
     }
+}
+
+/// Usage of `clients` (only `only`, when given) read from a SQLite ledger file without
+/// opening the ledger: nothing is written or settled, so `imagegate usage` can run while a
+/// gateway serves from the same file. Reservations in flight show as `reserved`.
+pub async fn report_from_file(
+    path: &std::path::Path,
+    clients: &[(String, ClientLimits)],
+    only: Option<&str>,
+    days: u32,
+    now: SystemTime,
+) -> Result<UsageReport, LedgerError> {
+    local::report_from_file(path, &selected(clients, only), days, now).await
+}
+
+/// The clients a report covers: all, or only the one named (none if it is unknown).
+fn selected(clients: &[(String, ClientLimits)], only: Option<&str>) -> Vec<(String, ClientLimits)> {
+    clients
+        .iter()
+        .filter(|(id, _)| only.is_none_or(|o| o == id))
+        .cloned()
+        .collect()
 }
 
 /// Images (and their cost) held for one request until it is settled with

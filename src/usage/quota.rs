@@ -94,6 +94,27 @@ impl Quotas {
         quota.month_spend_micros = quota.month_spend_micros.saturating_add(spend);
     }
 
+    /// Adds a pending hold read from storage (a report from another process's file);
+    /// holds outside `today`'s month are ignored.
+    pub fn load_pending(
+        &mut self,
+        client: &str,
+        today: UtcDay,
+        day: UtcDay,
+        images: u64,
+        cost_micros: i64,
+    ) {
+        if day.month() != today.month() {
+            return;
+        }
+        let quota = self.entry(client, today);
+        if day == quota.day {
+            quota.day_reserved = quota.day_reserved.saturating_add(images);
+        }
+        quota.month_reserved = quota.month_reserved.saturating_add(images);
+        quota.month_reserved_micros = quota.month_reserved_micros.saturating_add(cost_micros);
+    }
+
     /// Checks day, month and budget (in that order) and, if all have room, holds `images`
     /// and `cost_micros`. Returns the day the hold counts in.
     pub fn try_reserve(

@@ -80,6 +80,53 @@ pub fn add_usage(
     Ok(())
 }
 
+/// A reservation row: a hold that was not settled (yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingRow {
+    pub id: u64,
+    pub key: UsageKey,
+    pub day: UtcDay,
+    pub images: u64,
+    pub cost_micros: i64,
+}
+
+/// Every pending reservation.
+pub fn pending_reservations(conn: &Connection) -> Result<Vec<PendingRow>, StorageError> {
+    let mut statement = conn.prepare_cached(
+        "SELECT id, client, model, size, quality, day, images, cost_micros FROM reservations",
+    )?;
+    let raw = statement
+        .query_map([], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                UsageKey {
+                    client: row.get(1)?,
+                    model: row.get(2)?,
+                    size: row.get(3)?,
+                    quality: row.get(4)?,
+                },
+                row.get::<_, String>(5)?,
+                row.get::<_, i64>(6)?,
+                row.get::<_, i64>(7)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    raw.into_iter()
+        .map(|(id, key, day, images, cost_micros)| {
+            let day = UtcDay::parse(&day).ok_or_else(|| {
+                StorageError::Corrupt(format!("reservation {id} has a malformed day `{day}`"))
+            })?;
+            Ok(PendingRow {
+                id: from_sql_int(id),
+                key,
+                day,
+                images: from_sql_int(images),
+                cost_micros,
+            })
+        })
+        .collect()
+}
+
 /// What start-up found pending.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Settled {
@@ -93,41 +140,17 @@ pub struct Settled {
 /// before the crash) and deletes it.
 pub fn settle_pending(tx: &Transaction<'_>) -> Result<Settled, StorageError> {
     let mut settled = Settled::default();
-    let pending: Vec<(i64, UsageKey, String, i64, i64)> = {
-        let mut statement = tx.prepare(
-            "SELECT id, client, model, size, quality, day, images, cost_micros FROM reservations",
-        )?;
-        statement
-            .query_map([], |row| {
-                Ok((
-                    row.get(0)?,
-                    UsageKey {
-                        client: row.get(1)?,
-                        model: row.get(2)?,
-                        size: row.get(3)?,
-                        quality: row.get(4)?,
-                    },
-                    row.get(5)?,
-                    row.get(6)?,
-                    row.get(7)?,
-                ))
-            })?
-            .collect::<Result<_, _>>()?
-    };
-    for (id, key, day, images, cost_micros) in pending {
-        let day = UtcDay::parse(&day).ok_or_else(|| {
-            StorageError::Corrupt(format!("reservation {id} has a malformed day `{day}`"))
-        })?;
+    for pending in pending_reservations(tx)? {
         let tally = Tally {
             requests: 1,
-            images: from_sql_int(images),
-            spend_micros: cost_micros,
+            images: pending.images,
+            spend_micros: pending.cost_micros,
             ..Tally::default()
         };
-        add_usage(tx, &key, day, &tally)?;
+        add_usage(tx, &pending.key, pending.day, &tally)?;
         settled.reservations += 1;
-        settled.images = settled.images.saturating_add(tally.images);
-        settled.next_id = settled.next_id.max(from_sql_int(id).saturating_add(1));
+        settled.images = settled.images.saturating_add(pending.images);
+        settled.next_id = settled.next_id.max(pending.id.saturating_add(1));
     }
     tx.execute("DELETE FROM reservations", [])?;
     settled.next_id = settled.next_id.max(1);

@@ -325,6 +325,42 @@ async fn usage_survives_a_crash_and_pending_reservations_are_charged() {
 }
 
 #[tokio::test]
+async fn a_report_from_the_file_reads_a_live_ledger_without_settling_it() {
+    let clock = midday();
+    let (ledger, _dir, path) = sqlite_ledger(clock.clone()).await;
+    let l = limits(10, 100, None);
+    let r = ledger.reserve(request("team", &l, 2, 0.0)).await.unwrap();
+    r.commit(2).await.unwrap();
+    let in_flight = ledger.reserve(request("team", &l, 3, 0.0)).await.unwrap();
+    let clients = vec![
+        ("team".to_owned(), l.clone()),
+        ("other".to_owned(), l.clone()),
+    ];
+
+    let report = report_from_file(&path, &clients, Some("team"), 3, clock.now())
+        .await
+        .unwrap();
+    assert_eq!(report.clients.len(), 1);
+    let team = &report.clients[0];
+    assert_eq!((team.day.used, team.day.reserved), (2, 3));
+    assert_eq!(team.daily.len(), 3);
+    assert_eq!(
+        report,
+        ledger.report(&clients, Some("team"), 3).await.unwrap()
+    );
+
+    // The live ledger still owns its reservation.
+    in_flight.commit(1).await.unwrap();
+    let usage = client_usage(&ledger, "team", &l).await;
+    assert_eq!((usage.day.used, usage.day.reserved), (3, 0));
+    ledger.close().await;
+
+    let missing =
+        report_from_file(&path.with_extension("nope"), &clients, None, 1, clock.now()).await;
+    assert!(missing.is_err());
+}
+
+#[tokio::test]
 async fn an_unsettled_reservation_dropped_stays_counted() {
     on_both_backends(midday, |ledger, _| async move {
         let l = limits(3, 100, None);
