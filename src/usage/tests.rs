@@ -546,3 +546,80 @@ async fn throughput_of_reserve_and_commit_on_a_file() {
     assert_eq!(usage.today.images, TOTAL as u64);
     ledger.close().await;
 }
+
+const CRASH_CHILD_VAR: &str = "IMAGEGATE_TEST_CRASH_LEDGER";
+
+/// The child half of the kill -9 test: holds one reservation forever, then reserves and
+/// commits one image at a time, printing `ack N` after the N-th commit returned.
+#[test]
+#[ignore = "run as a child process by usage_acknowledged_before_kill_9_is_on_disk"]
+fn crash_child() {
+    let Some(path) = crate::config::Env::from_process()
+        .get(CRASH_CHILD_VAR)
+        .map(PathBuf::from)
+    else {
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let ledger = Ledger::open(&sqlite_config(&path), midday()).await.unwrap();
+        let l = limits(1_000_000, 1_000_000, None);
+        let held = ledger.reserve(request("team", &l, 1, 0.0)).await.unwrap();
+        std::mem::forget(held);
+        for n in 1.. {
+            let r = ledger.reserve(request("team", &l, 1, 0.0)).await.unwrap();
+            r.commit(1).await.unwrap();
+            println!("ack {n}");
+        }
+    });
+}
+
+#[test]
+fn usage_acknowledged_before_kill_9_is_on_disk() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("imagegate.db");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "usage::tests::crash_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CRASH_CHILD_VAR, &path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut acked = 0u64;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        if let Some(n) = line.unwrap().strip_prefix("ack ") {
+            acked = n.parse().unwrap();
+            if acked >= 200 {
+                break;
+            }
+        }
+    }
+    child.kill().unwrap(); // SIGKILL: no destructor, no close, mid-transaction or not
+    child.wait().unwrap();
+    assert_eq!(acked, 200, "the child stopped acknowledging early");
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let ledger = Ledger::open(&sqlite_config(&path), midday()).await.unwrap();
+        let l = limits(1_000_000, 1_000_000, None);
+        let usage = client_usage(&ledger, "team", &l).await;
+        // Every acknowledged commit, plus the held reservation charged at open; at most one
+        // more (the reserve or commit in flight when the kill landed).
+        assert!(
+            (acked + 1..=acked + 2).contains(&usage.day.used),
+            "acked {acked}, used {}",
+            usage.day.used
+        );
+        assert_eq!(usage.day.reserved, 0);
+        ledger.close().await;
+    });
+}
