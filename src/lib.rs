@@ -15,8 +15,10 @@ pub mod generate;
 pub mod mock_upstream;
 pub mod rate_limit;
 pub mod router;
+pub mod storage;
 pub mod telemetry;
 pub mod upstream;
+pub mod usage;
 pub mod validate;
 
 pub use app::{App, Gateway};

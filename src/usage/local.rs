@@ -1,0 +1,387 @@
+//! The embedded ledger store: quota decisions in process ([`Quotas`] under a mutex), made
+//! durable in the SQLite file through its writer, or kept in memory only.
+//!
+//! Order of every operation: decide and update memory under the lock (never held across an
+//! `.await`), then queue the durable write. A reservation is returned only after its row
+//! committed; if the write fails or the caller goes away first, the hold is undone. This
+//! module must not open files or connections itself: [`Database`] does.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::SystemTime;
+
+use futures_util::future::{BoxFuture, FutureExt, ready};
+
+use super::calendar::{UtcDay, unix_secs};
+use super::quota::{ClientQuota, Quotas};
+use super::report::{self, Tally, UsageReport, UsageRow};
+use super::sql;
+use super::store::{LedgerStore, Reservation, UsageKey};
+use super::{LedgerError, ReserveError, ReserveRequest, to_micros};
+use crate::config::ClientLimits;
+use crate::storage::{Database, Reader};
+
+/// Where settled usage goes.
+enum Durability {
+    /// Nothing persists: rows are kept in this map for reports.
+    Memory(Mutex<HashMap<(UsageKey, UtcDay), Tally>>),
+    Sqlite(Database),
+}
+
+pub struct LocalStore {
+    quotas: Mutex<Quotas>,
+    durability: Durability,
+    next_id: AtomicU64,
+}
+
+impl LocalStore {
+    pub fn in_memory() -> LocalStore {
+        LocalStore {
+            quotas: Mutex::new(Quotas::default()),
+            durability: Durability::Memory(Mutex::new(HashMap::new())),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Settles what an unclean stop left pending in `db`, and loads the current month's
+    /// usage into the quota counters.
+    pub async fn from_database(db: Database, today: UtcDay) -> Result<LocalStore, LedgerError> {
+        let settled = db.writer().execute(sql::settle_pending).await?;
+        if settled.reservations > 0 {
+            // Expected after kill -9 or a crash with requests in flight; charged in full
+            // because those clients may have received their images.
+            tracing::warn!(
+                reservations = settled.reservations,
+                images = settled.images,
+                "settled reservations left pending by an unclean stop as charged"
+            );
+        }
+        let month = today.month();
+        let rows = db
+            .reader()
+            .read(move |conn| sql::usage_rows(conn, month.first_day(), month.last_day()))
+            .await?;
+        Ok(LocalStore {
+            quotas: Mutex::new(quotas_from(&rows, &[], today)),
+            durability: Durability::Sqlite(db),
+            next_id: AtomicU64::new(settled.next_id),
+        })
+    }
+
+    fn quotas(&self) -> MutexGuard<'_, Quotas> {
+        // The counters are updated in single statements that cannot panic half-way, so a
+        // poisoned lock still guards consistent numbers.
+        self.quotas.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records settled usage (and, for a reservation, deletes its pending row in the same
+    /// transaction). The write is queued before this returns, so it happens even if the
+    /// returned future is dropped.
+    fn record(
+        &self,
+        reservation_id: Option<u64>,
+        key: &UsageKey,
+        day: UtcDay,
+        tally: Tally,
+    ) -> BoxFuture<'static, Result<(), LedgerError>> {
+        match &self.durability {
+            Durability::Memory(rows) => {
+                rows.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .entry((key.clone(), day))
+                    .or_default()
+                    .add(&tally);
+                ready(Ok(())).boxed()
+            }
+            Durability::Sqlite(db) => {
+                let key = key.clone();
+                let submitted = db.writer().submit(move |tx| {
+                    if let Some(id) = reservation_id {
+                        sql::delete_reservation(tx, id)?;
+                    }
+                    sql::add_usage(tx, &key, day, &tally)
+                });
+                async move { Ok(submitted?.await?) }.boxed()
+            }
+        }
+    }
+
+    /// Settles `reservation` in memory, then durably.
+    fn settle(
+        &self,
+        reservation: &Reservation,
+        charged_images: u32,
+        tally: Tally,
+    ) -> BoxFuture<'static, Result<(), LedgerError>> {
+        self.quotas().settle(
+            &reservation.key.client,
+            reservation.day,
+            (reservation.images, reservation.cost_micros()),
+            (u64::from(charged_images), tally.spend_micros),
+        );
+        self.record(
+            Some(reservation.id),
+            &reservation.key,
+            reservation.day,
+            tally,
+        )
+    }
+}
+
+/// Quota windows as of `today` from stored rows and pending holds.
+fn quotas_from(rows: &[UsageRow], pending: &[sql::PendingRow], today: UtcDay) -> Quotas {
+    let mut quotas = Quotas::default();
+    for row in rows {
+        quotas.load(
+            &row.key.client,
+            today,
+            row.day,
+            row.tally.images,
+            row.tally.spend_micros,
+        );
+    }
+    for hold in pending {
+        quotas.load_pending(
+            &hold.key.client,
+            today,
+            hold.day,
+            hold.images,
+            hold.cost_micros,
+        );
+    }
+    quotas
+}
+
+/// A report read straight from a database file through a read-only connection: nothing is
+/// written or settled, so it is safe while a gateway serves from the file. Pending
+/// reservations show as `reserved`.
+pub async fn report_from_file(
+    path: &Path,
+    clients: &[(String, ClientLimits)],
+    days: u32,
+    now: SystemTime,
+) -> Result<UsageReport, LedgerError> {
+    let reader = Reader::open_existing(path).await?;
+    let today = UtcDay::containing(now);
+    let from = report::first_day_needed(today, days);
+    let (rows, pending) = reader
+        .read(move |conn| {
+            Ok((
+                sql::usage_rows(conn, from, today)?,
+                sql::pending_reservations(conn)?,
+            ))
+        })
+        .await?;
+    let quotas = quotas_from(&rows, &pending, today);
+    let views: Vec<ClientQuota> = clients
+        .iter()
+        .map(|(id, _)| quotas.view(id, today))
+        .collect();
+    Ok(report::build(clients, &views, &rows, days, now))
+}
+
+/// A hold granted in memory whose row is not yet known to be committed. If the reserving
+/// future is dropped before that (the client went away), the hold is undone and the row, if
+/// it committed after all, is deleted by a queued write.
+struct UnconfirmedHold<'a> {
+    store: &'a LocalStore,
+    reservation: Option<Reservation>,
+}
+
+impl UnconfirmedHold<'_> {
+    fn release_memory(&self, reservation: &Reservation) {
+        self.store.quotas().settle(
+            &reservation.key.client,
+            reservation.day,
+            (reservation.images, reservation.cost_micros()),
+            (0, 0),
+        );
+    }
+
+    fn confirm(mut self) -> Option<Reservation> {
+        self.reservation.take()
+    }
+
+    /// The row did not commit: only the memory hold needs undoing.
+    fn abandon(mut self) {
+        if let Some(reservation) = self.reservation.take() {
+            self.release_memory(&reservation);
+        }
+    }
+}
+
+impl Drop for UnconfirmedHold<'_> {
+    fn drop(&mut self) {
+        let Some(reservation) = self.reservation.take() else {
+            return;
+        };
+        self.release_memory(&reservation);
+        if let Durability::Sqlite(db) = &self.store.durability {
+            let id = reservation.id;
+            // Queued behind the insert, so it runs after it. If it cannot be queued the
+            // writer is gone and the row is charged on the next start: usage over-counted,
+            // never under.
+            let _ = db
+                .writer()
+                .submit_detached("delete the row of a cancelled reservation", move |tx| {
+                    sql::delete_reservation(tx, id)
+                });
+        }
+    }
+}
+
+impl LedgerStore for LocalStore {
+    fn reserve<'a>(
+        &'a self,
+        request: &'a ReserveRequest<'a>,
+        now: SystemTime,
+    ) -> BoxFuture<'a, Result<Reservation, ReserveError>> {
+        let unit_price_micros = to_micros(request.unit_price);
+        let cost_micros = i64::from(request.images).saturating_mul(unit_price_micros);
+        let held = self.quotas().try_reserve(
+            request.client,
+            request.limits,
+            request.images,
+            cost_micros,
+            UtcDay::containing(now),
+        );
+        let day = match held {
+            Ok(day) => day,
+            Err(refused) => return ready(Err(refused)).boxed(),
+        };
+        let reservation = Reservation {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            key: UsageKey::new(request.client, request.model, request.size, request.quality),
+            day,
+            images: request.images,
+            unit_price_micros,
+        };
+        let db = match &self.durability {
+            Durability::Memory(_) => return ready(Ok(reservation)).boxed(),
+            Durability::Sqlite(db) => db,
+        };
+        let row = reservation.clone();
+        let created_at = unix_secs(now);
+        let submitted = db
+            .writer()
+            .submit(move |tx| sql::insert_reservation(tx, &row, created_at));
+        let hold = UnconfirmedHold {
+            store: self,
+            reservation: Some(reservation),
+        };
+        async move {
+            let written = match submitted {
+                Ok(pending) => pending.await,
+                Err(e) => Err(e),
+            };
+            match written {
+                Ok(()) => hold.confirm().ok_or_else(|| {
+                    ReserveError::Unavailable("reservation vanished before confirmation".into())
+                }),
+                Err(e) => {
+                    hold.abandon();
+                    tracing::error!(error = %e, client = request.client, "could not record a quota reservation");
+                    Err(ReserveError::Unavailable(e.to_string()))
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn commit<'a>(
+        &'a self,
+        reservation: &'a Reservation,
+        images_produced: u32,
+    ) -> BoxFuture<'a, Result<(), LedgerError>> {
+        let tally = Tally {
+            requests: 1,
+            images: u64::from(images_produced),
+            spend_micros: i64::from(images_produced).saturating_mul(reservation.unit_price_micros),
+            ..Tally::default()
+        };
+        self.settle(reservation, images_produced, tally)
+    }
+
+    fn refund<'a>(
+        &'a self,
+        reservation: &'a Reservation,
+    ) -> BoxFuture<'a, Result<(), LedgerError>> {
+        let tally = Tally {
+            failures: 1,
+            ..Tally::default()
+        };
+        self.settle(reservation, 0, tally)
+    }
+
+    fn record_cached<'a>(
+        &'a self,
+        key: &'a UsageKey,
+        day: UtcDay,
+        images: u32,
+    ) -> BoxFuture<'a, Result<(), LedgerError>> {
+        let tally = Tally {
+            cached: u64::from(images),
+            ..Tally::default()
+        };
+        self.record(None, key, day, tally)
+    }
+
+    fn report<'a>(
+        &'a self,
+        clients: &'a [(String, ClientLimits)],
+        days: u32,
+        now: SystemTime,
+    ) -> BoxFuture<'a, Result<UsageReport, LedgerError>> {
+        let today = UtcDay::containing(now);
+        let quotas: Vec<ClientQuota> = {
+            let quotas = self.quotas();
+            clients
+                .iter()
+                .map(|(id, _)| quotas.view(id, today))
+                .collect()
+        };
+        let from = report::first_day_needed(today, days);
+        async move {
+            let rows: Vec<UsageRow> = match &self.durability {
+                Durability::Memory(rows) => rows
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .iter()
+                    .filter(|((_, day), _)| (from..=today).contains(day))
+                    .map(|((key, day), tally)| UsageRow {
+                        key: key.clone(),
+                        day: *day,
+                        tally: *tally,
+                    })
+                    .collect(),
+                Durability::Sqlite(db) => {
+                    db.reader()
+                        .read(move |conn| sql::usage_rows(conn, from, today))
+                        .await?
+                }
+            };
+            Ok(report::build(clients, &quotas, &rows, days, now))
+        }
+        .boxed()
+    }
+
+    fn check_writable(&self) -> BoxFuture<'_, Result<(), LedgerError>> {
+        match &self.durability {
+            Durability::Memory(_) => ready(Ok(())).boxed(),
+            // An empty job proves the writer thread is alive and can take the write lock.
+            Durability::Sqlite(db) => {
+                let writer = db.writer().clone();
+                async move { Ok(writer.execute(|_tx| Ok(())).await?) }.boxed()
+            }
+        }
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        match &self.durability {
+            Durability::Memory(_) => ready(()).boxed(),
+            Durability::Sqlite(db) => db.writer().close().boxed(),
+        }
+    }
+}
