@@ -30,6 +30,7 @@ use crate::rate_limit::{MonotonicClock, RateLimits};
 use crate::router;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::Upstreams;
+use crate::usage::{Ledger, SystemClock};
 use crate::validate::Models;
 
 /// Everything a request needs, shared by all of them.
@@ -46,6 +47,8 @@ pub struct Gateway {
     /// The response cache (`[cache]` as at start).
     pub cache: ResponseCache,
     pub metrics: Arc<Metrics>,
+    /// Quotas and usage, durable in `[storage]`.
+    pub ledger: Ledger,
     runtime: RwLock<Arc<Runtime>>,
     /// Unix seconds at start, reported as `created` of models.
     pub started_at: u64,
@@ -171,6 +174,14 @@ impl App {
         install_crypto_provider();
         let metrics = Arc::new(Metrics::new());
         let runtime = Runtime::build(config, env, &metrics)?;
+        let ledger = Ledger::open(&runtime.config.storage, Arc::new(SystemClock))
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot open the usage ledger at storage.path {}",
+                    runtime.config.storage.path.display()
+                )
+            })?;
         if runtime.clients.is_empty() {
             tracing::warn!("no [[clients]] configured: every request will be refused with 401");
         }
@@ -179,6 +190,7 @@ impl App {
             limits: RateLimits::new(&runtime.clients.limits(), Arc::new(MonotonicClock::new())),
             cache: ResponseCache::new(&runtime.config.cache),
             metrics,
+            ledger,
             runtime: RwLock::new(Arc::new(runtime)),
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)

@@ -157,23 +157,32 @@ impl ApiError {
         ApiError::new(status, ErrorType::Upstream, message).with_code(code)
     }
 
-    /// 429 because the upstream itself is rate limiting imagegate.
-    pub fn upstream_rate_limited(retry_after: Duration) -> Self {
-        ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorType::Requests,
-            "The upstream provider is rate limiting; retry after the delay in Retry-After.",
-        )
-        .with_code("upstream_rate_limited")
-        .with_retry_after(retry_after)
-    }
-
-    /// 429 because this client went over one of its own rate limits (SPEC §7). The message
-    /// names the limit; `retry_after` is when the request would conform.
+    /// 429 because a client rate limit (requests, images or concurrency) was hit.
     pub fn rate_limited(message: impl Into<Cow<'static, str>>, retry_after: Duration) -> Self {
         ApiError::new(StatusCode::TOO_MANY_REQUESTS, ErrorType::Requests, message)
             .with_code("rate_limit_exceeded")
             .with_retry_after(retry_after)
+    }
+
+    /// 429 for an exhausted quota or budget. SDKs stop retrying on `x-should-retry: false`,
+    /// which the `insufficient_quota` type sets: waiting seconds will not help.
+    pub fn insufficient_quota(message: impl Into<Cow<'static, str>>) -> Self {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorType::InsufficientQuota,
+            message,
+        )
+        .with_code("insufficient_quota")
+    }
+
+    /// 401 for the admin routes (a missing or wrong admin token).
+    pub fn invalid_admin_token() -> Self {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorType::InvalidRequest,
+            "Admin routes need 'Authorization: Bearer <admin token>'.",
+        )
+        .with_code("invalid_admin_token")
     }
 
     pub fn request_timeout() -> Self {
@@ -232,6 +241,21 @@ impl ApiError {
 
     fn kind(&self) -> &'static str {
         self.code.unwrap_or(self.error_type.as_str())
+    }
+}
+
+impl From<crate::usage::ReserveError> for ApiError {
+    fn from(e: crate::usage::ReserveError) -> Self {
+        match &e {
+            crate::usage::ReserveError::Exhausted { .. } => {
+                ApiError::insufficient_quota(e.client_message())
+            }
+            crate::usage::ReserveError::Unavailable(_) => ApiError::unavailable(
+                "usage_unavailable",
+                "Usage accounting is temporarily unavailable; retry shortly.",
+            )
+            .with_retry_after(std::time::Duration::from_secs(5)),
+        }
     }
 }
 
@@ -308,7 +332,8 @@ mod tests {
 
     #[tokio::test]
     async fn retry_after_rounds_up_to_whole_seconds() {
-        let response = ApiError::upstream_rate_limited(Duration::from_millis(1200)).into_response();
+        let response =
+            ApiError::rate_limited("slow down", Duration::from_millis(1200)).into_response();
         assert_eq!(response.headers()[header::RETRY_AFTER], "2");
         assert_eq!(response.headers()["retry-after-ms"], "1200");
     }

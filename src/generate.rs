@@ -4,8 +4,10 @@
 //! 2. admit: the client's rate limits (requests, images, concurrency), atomically;
 //! 3. cache: serve an identical earlier answer, or join an identical call in flight;
 //! 4. otherwise, in its own task so a client disconnect cannot cut it short:
-//!    quota reserve → upstream (key pool, retries, failover) → usage commit or refund,
-//!    and the cache stores a success.
+//!    quota reserve (durable before the upstream is called) → upstream (key pool, retries,
+//!    failover) → usage commit of what was produced, or refund → the cache stores a success.
+//!
+//! A cache hit or a coalesced answer spends no quota; it is recorded as cached usage.
 //!
 //! Every stage is a call into the module that owns it; this file only fixes the order.
 
@@ -22,6 +24,7 @@ use crate::rate_limit::{RateHeaders, RateLimitError};
 use crate::telemetry::metrics::{CacheLabels, ImageLabels, RateLimitedLabels};
 use crate::telemetry::{RequestFacts, loggable_prompt};
 use crate::upstream::UpstreamResponse;
+use crate::usage::{ReserveError, ReserveRequest};
 use crate::validate::validate;
 
 /// A finished generation and how it was obtained.
@@ -83,20 +86,48 @@ pub async fn generate(
     let work = {
         let runtime = Arc::clone(&runtime);
         let metrics = Arc::clone(&gateway.metrics);
-        let client_id = client.id.clone();
+        let ledger = gateway.ledger.clone();
+        let client = AuthenticatedClient::clone(client);
+        let request = request.clone();
         let permit = admission.permit;
         async move {
             // The client's concurrency slot stays taken until the upstream call is over, even
             // if the client has gone.
             let _permit = permit;
-            let response = runtime
-                .upstreams
-                .generate(&request, client_id.as_str())
+            let reservation = ledger
+                .reserve(ReserveRequest {
+                    client: client.id.as_str(),
+                    limits: &client.limits,
+                    model: request.model.name(),
+                    size: &request.size,
+                    quality: &request.quality,
+                    images: request.n,
+                    unit_price: request.model.price(&request.quality),
+                })
                 .await
                 .map_err(|e| {
-                    tracing::warn!(error = %e, kind = e.kind(), "upstream call failed");
+                    if let ReserveError::Unavailable(cause) = &e {
+                        tracing::error!(error = %cause, "quota reservation could not be made durable; request refused");
+                    }
                     ApiError::from(e)
                 })?;
+            let response = match runtime.upstreams.generate(&request, client.id.as_str()).await {
+                Ok(response) => response,
+                Err(e) => {
+                    tracing::warn!(error = %e, kind = e.kind(), "upstream call failed");
+                    if let Err(refund) = reservation.refund().await {
+                        tracing::error!(error = %refund, "refund not recorded; it is settled as charged on restart");
+                    }
+                    return Err(ApiError::from(e));
+                }
+            };
+            let produced = u32::try_from(response.images).unwrap_or(u32::MAX);
+            if let Err(e) = reservation.commit(produced).await {
+                // The client still gets its images: the reservation stays on disk and is
+                // charged in full on the next start, so usage is never under-counted.
+                tracing::error!(error = %e, "usage commit not recorded; charged on restart");
+            }
+            let client_id = &client.id;
             metrics
                 .images
                 .get_or_create(&ImageLabels {
@@ -120,6 +151,18 @@ pub async fn generate(
         })
         .inc();
     let response = result?;
+    if matches!(outcome, CacheOutcome::Hit | CacheOutcome::Coalesced) {
+        gateway
+            .ledger
+            .record_cached(
+                client.id.as_str(),
+                request.model.name(),
+                &request.size,
+                &request.quality,
+                u32::try_from(response.images).unwrap_or(u32::MAX),
+            )
+            .await;
+    }
     trace.facts.upstream = Some(Arc::clone(&response.upstream));
     trace.facts.upstream_key = Some(Arc::clone(&response.key_id));
     trace.facts.images = Some(response.images);
