@@ -135,6 +135,10 @@ impl ApiError {
         .with_code("model_not_found")
     }
 
+    pub fn not_found(code: &'static str, message: &'static str) -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, ErrorType::InvalidRequest, message).with_code(code)
+    }
+
     pub fn route_not_found() -> Self {
         ApiError::new(
             StatusCode::NOT_FOUND,

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use imagegate::app::ConfigSource;
-use imagegate::config::{Config, ConfigError, Env, LogConfig, LogFormat};
+use imagegate::config::{Config, ConfigError, Env, LogConfig, LogFormat, StorageBackend};
 use imagegate::mock_upstream::{MockOptions, MockUpstream};
-use imagegate::{App, auth, demo, telemetry};
+use imagegate::{App, auth, demo, telemetry, usage};
 
 /// An OpenAI-compatible image-generation gateway.
 ///
@@ -66,6 +66,28 @@ enum Command {
             default_value = "imagegate.toml"
         )]
         config: PathBuf,
+    },
+    /// Print usage per client from the gateway's SQLite file: today and this month against
+    /// the limits, spend against the budget, requests, images, cached and failures.
+    ///
+    /// Reads the file named by `storage.path` read-only, so it is safe while `serve` runs.
+    Usage {
+        #[arg(
+            long,
+            short,
+            env = "IMAGEGATE_CONFIG",
+            default_value = "imagegate.toml"
+        )]
+        config: PathBuf,
+        /// Only this client.
+        #[arg(long)]
+        client: Option<String>,
+        /// Days of daily history in --json output.
+        #[arg(long, default_value_t = 7)]
+        days: u32,
+        /// Print the full report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Print a new random client key and the `key_sha256` line for its [[clients]] entry.
     ///
@@ -132,6 +154,12 @@ async fn run(command: Command) -> ExitCode {
             }
         }
         Command::CheckConfig { config } => check_config(&config),
+        Command::Usage {
+            config,
+            client,
+            days,
+            json,
+        } => usage(&config, client.as_deref(), days, json).await,
         Command::Keygen { client } => {
             let key = auth::generate_client_key();
             println!(
@@ -233,6 +261,55 @@ fn check_config(path: &std::path::Path) -> ExitCode {
     }
     eprintln!("config OK: {}", path.display());
     ExitCode::SUCCESS
+}
+
+async fn usage(path: &std::path::Path, client: Option<&str>, days: u32, json: bool) -> ExitCode {
+    let config = match Config::load(path, &Env::from_process()) {
+        Ok(config) => config,
+        Err(e) => return config_error(&e),
+    };
+    if config.storage.backend != StorageBackend::Sqlite {
+        eprintln!("error: storage.backend is not \"sqlite\": there is no usage file to read");
+        return ExitCode::from(2);
+    }
+    let clients = config.client_limits();
+    if let Some(only) = client
+        && !clients.iter().any(|(id, _)| id == only)
+    {
+        eprintln!("error: no client `{only}` in the config");
+        return ExitCode::from(2);
+    }
+    match usage::report_from_file(
+        &config.storage.path,
+        &clients,
+        client,
+        days,
+        std::time::SystemTime::now(),
+    )
+    .await
+    {
+        Ok(report) if json => match serde_json::to_string_pretty(&report) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Ok(report) => {
+            print!("{}", usage::render_table(&report));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "error: cannot read usage from {}: {e}",
+                config.storage.path.display()
+            );
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn config_error(e: &ConfigError) -> ExitCode {

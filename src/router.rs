@@ -48,12 +48,18 @@ pub fn public(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The admin listener: health and readiness (metrics and /admin join it later).
+/// The admin listener: health, readiness and metrics for probes and Prometheus (open, like
+/// every such endpoint; keep the listener private), and `/admin` behind the admin token.
 pub fn admin(state: AppState) -> Router {
+    let protected = Router::new()
+        .route("/admin/usage", get(admin::usage))
+        .route("/admin/upstreams", get(admin::upstreams))
+        .route_layer(from_fn_with_state(state.clone(), api::require_admin));
     Router::new()
         .route("/healthz", get(admin::healthz))
         .route("/readyz", get(admin::readyz))
         .route("/metrics", get(admin::metrics))
+        .merge(protected)
         .fallback(api::route_not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(

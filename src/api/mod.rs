@@ -99,6 +99,35 @@ pub async fn require_client(
     response
 }
 
+/// Lets only the admin token through to `/admin` routes. Without a configured token, nobody.
+pub async fn require_admin(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let allowed = match (presented, &state.runtime().admin_token) {
+        (Some(token), Some(expected)) => {
+            use secrecy::ExposeSecret;
+            use subtle::ConstantTimeEq;
+            bool::from(token.as_bytes().ct_eq(expected.expose_secret().as_bytes()))
+        }
+        _ => false,
+    };
+    if !allowed {
+        return ApiError::invalid_admin_token().into_response();
+    }
+    next.run(request).await
+}
+
 pub async fn route_not_found() -> ApiError {
     ApiError::route_not_found()
 }

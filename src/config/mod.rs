@@ -416,6 +416,14 @@ impl Config {
         out
     }
 
+    /// Every client's id with its effective limits, in config order (for usage reports).
+    pub fn client_limits(&self) -> Vec<(String, ClientLimits)> {
+        self.clients
+            .iter()
+            .map(|c| (c.id.clone(), c.limits(&self.client_defaults)))
+            .collect()
+    }
+
     /// The effective config as TOML (secrets are never in it: only where they come from).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))

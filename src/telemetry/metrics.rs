@@ -20,6 +20,7 @@ use prometheus_client::registry::Registry;
 
 use crate::cache::CacheStats;
 use crate::upstream::pool::{KeyHealth, PoolStatus};
+use crate::usage::UsageReport;
 
 /// From a 1 ms rejection to a 300 s generation.
 const LATENCY_BUCKETS: [f64; 18] = [
@@ -293,6 +294,36 @@ impl Metrics {
                         })
                         .set(i64::try_from(remaining).unwrap_or(i64::MAX));
                 }
+            }
+        }
+    }
+
+    /// Sets the quota gauges from a usage report: used (settled plus in flight) and limit, per
+    /// client and window (`day`, `month`, and `budget` in price units when one is set).
+    pub fn set_quotas(&self, report: &UsageReport) {
+        self.quota_used.clear();
+        self.quota_limit.clear();
+        for c in &report.clients {
+            let set = |window: &'static str, used: f64, limit: f64| {
+                let labels = QuotaLabels {
+                    client: c.client.clone(),
+                    window,
+                };
+                self.quota_used.get_or_create(&labels).set(used);
+                self.quota_limit.get_or_create(&labels).set(limit);
+            };
+            set(
+                "day",
+                (c.day.used + c.day.reserved) as f64,
+                c.day.limit as f64,
+            );
+            set(
+                "month",
+                (c.month.used + c.month.reserved) as f64,
+                c.month.limit as f64,
+            );
+            if let Some(b) = &c.budget {
+                set("budget", b.spent + b.reserved, b.limit);
             }
         }
     }

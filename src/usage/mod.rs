@@ -33,8 +33,8 @@ use crate::storage::{Database, StorageError};
 
 pub use calendar::{UtcDay, UtcMonth};
 pub use report::{
-    BudgetUsage, ClientUsage, Counters, DailyUsage, ModelUsage, UsageReport, WindowUsage,
-    render_table,
+    BudgetUsage, ClientUsage, Counters, DailyUsage, MAX_REPORT_DAYS, ModelUsage, UsageReport,
+    WindowUsage, render_table,
 };
 pub use store::{LedgerStore, Reservation, UsageKey};
 

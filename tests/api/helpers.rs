@@ -29,6 +29,7 @@ pub struct TestApp {
     pub client_key: String,
     /// Client `team-b`'s key (may only use MODEL).
     pub other_client_key: String,
+    pub admin_token: String,
     pub http: reqwest::Client,
     pub state: AppState,
     shutdown: CancellationToken,
@@ -112,6 +113,7 @@ pub async fn spawn_app_with(options: MockOptions, tweak: impl FnOnce(&mut Config
         upstream_key,
         client_key,
         other_client_key,
+        admin_token,
         http: http_client(),
         state,
         shutdown,
@@ -142,6 +144,19 @@ impl TestApp {
 
     pub fn base_url(&self) -> String {
         self.url("/v1")
+    }
+
+    /// GETs an admin route with the admin token; returns the JSON.
+    pub async fn admin_json(&self, path: &str) -> Value {
+        let response = self
+            .http
+            .get(self.admin_url(path))
+            .bearer_auth(&self.admin_token)
+            .send()
+            .await
+            .expect("admin request is sent");
+        assert_eq!(response.status(), 200, "{path}");
+        response.json().await.expect("admin JSON")
     }
 
     /// POSTs `body` as JSON with team-a's key.

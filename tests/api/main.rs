@@ -9,12 +9,14 @@
 mod helpers;
 mod process;
 
+mod admin;
 mod bad_input;
 mod cache;
 mod cli;
 mod generations;
 mod hygiene;
 mod limits;
+mod quota;
 mod reload;
 mod secrets;
 mod upstream_faults;

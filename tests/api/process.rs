@@ -130,6 +130,13 @@ impl GatewayProcess {
         assert!(status.success());
     }
 
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill9(mut self) {
+        self.signal("KILL");
+        let _ = self.child.wait();
+        self.drain();
+    }
+
     /// SIGTERM, then waits for exit; returns whether it exited successfully.
     pub fn stop(mut self) -> (bool, String, String) {
         self.signal("TERM");
