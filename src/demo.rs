@@ -81,7 +81,9 @@ fn banner(public: SocketAddr, admin: SocketAddr) -> String {
     format!(
         r#"
 imagegate demo: the gateway on http://{public}, in front of a built-in mock upstream.
-Client key: {DEMO_CLIENT_KEY}    Admin: http://{admin}/healthz (token {DEMO_ADMIN_TOKEN})
+Client key: {DEMO_CLIENT_KEY}
+Admin listener: http://{admin} (/healthz, /readyz, /metrics; /admin/usage and /admin/upstreams
+with 'Authorization: Bearer {DEMO_ADMIN_TOKEN}')
 
 Try it with curl:
 

@@ -27,6 +27,7 @@ pub fn public(state: AppState) -> Router {
     Router::new()
         .route("/v1/images/generations", post(images::create_generation))
         .route("/v1/models", get(models::list_models))
+        .route("/v1/models/{id}", get(models::get_model))
         // Only matched routes authenticate: unknown paths answer 404 without revealing more.
         .route_layer(from_fn_with_state(state.clone(), api::require_client))
         .fallback(api::route_not_found)

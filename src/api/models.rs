@@ -2,11 +2,12 @@
 
 use axum::Extension;
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use serde::Serialize;
 
 use crate::app::AppState;
 use crate::auth::AuthenticatedClient;
+use crate::error::ApiError;
 
 #[derive(Serialize)]
 pub struct ModelList {
@@ -15,11 +16,29 @@ pub struct ModelList {
 }
 
 #[derive(Serialize)]
-struct ModelObject {
+pub struct ModelObject {
     id: String,
     object: &'static str,
     created: u64,
     owned_by: &'static str,
+}
+
+/// `GET /v1/models/{id}`: one model, if this client may use it.
+pub async fn get_model(
+    State(state): State<AppState>,
+    Extension(client): Extension<AuthenticatedClient>,
+    Path(id): Path<String>,
+) -> Result<Json<ModelObject>, ApiError> {
+    let runtime = state.runtime();
+    match runtime.models.get(&id) {
+        Some(model) if client.may_use(model.name()) => Ok(Json(ModelObject {
+            id: model.name().to_owned(),
+            object: "model",
+            created: state.started_at,
+            owned_by: "imagegate",
+        })),
+        _ => Err(ApiError::model_not_found(&id)),
+    }
 }
 
 pub async fn list_models(

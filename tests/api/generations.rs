@@ -172,6 +172,17 @@ async fn models_lists_only_what_the_client_may_use() {
         .collect();
     assert_eq!(ids, vec![MODEL.to_owned()]);
 
+    let one = restricted
+        .models()
+        .retrieve(MODEL)
+        .await
+        .expect("retrieve a model");
+    assert_eq!(one.id, MODEL);
+    assert!(
+        restricted.models().retrieve("other-model").await.is_err(),
+        "not this client's"
+    );
+
     let response = app
         .generate_as(
             &app.other_client_key,
