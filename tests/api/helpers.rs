@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 pub const MODEL: &str = "gemini-3.1-flash-image";
 pub const UPSTREAM_KEY_VAR: &str = "TEST_UPSTREAM_KEY";
+/// A second server-held key, for tests that configure a second key or upstream.
+pub const UPSTREAM_KEY_2_VAR: &str = "TEST_UPSTREAM_KEY_2";
 pub const ADMIN_TOKEN_VAR: &str = "TEST_ADMIN_TOKEN";
 
 /// A running gateway, its mock upstream, and the keys involved.
@@ -25,6 +27,8 @@ pub struct TestApp {
     pub mock: MockUpstream,
     /// The server-held key the mock should see.
     pub upstream_key: String,
+    /// The value of `UPSTREAM_KEY_2_VAR`.
+    pub upstream_key_2: String,
     /// Client `team-a`'s key.
     pub client_key: String,
     /// Client `team-b`'s key (may only use MODEL).
@@ -90,6 +94,7 @@ pub async fn spawn_app_with(options: MockOptions, tweak: impl FnOnce(&mut Config
         .await
         .expect("mock upstream starts");
     let upstream_key = format!("sk-upstream-{}", random_hex(16));
+    let upstream_key_2 = format!("sk-upstream2-{}", random_hex(16));
     let client_key = format!("sk-client-{}", random_hex(16));
     let other_client_key = format!("sk-client-{}", random_hex(16));
     let admin_token = format!("sk-admin-{}", random_hex(16));
@@ -97,6 +102,7 @@ pub async fn spawn_app_with(options: MockOptions, tweak: impl FnOnce(&mut Config
     tweak(&mut config);
     let env = Env::from_pairs([
         (UPSTREAM_KEY_VAR, upstream_key.as_str()),
+        (UPSTREAM_KEY_2_VAR, upstream_key_2.as_str()),
         (ADMIN_TOKEN_VAR, admin_token.as_str()),
     ]);
     let app = App::build(config, &env).await.expect("app builds");
@@ -111,6 +117,7 @@ pub async fn spawn_app_with(options: MockOptions, tweak: impl FnOnce(&mut Config
         admin_addr,
         mock,
         upstream_key,
+        upstream_key_2,
         client_key,
         other_client_key,
         admin_token,

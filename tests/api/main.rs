@@ -20,3 +20,4 @@ mod quota;
 mod reload;
 mod secrets;
 mod upstream_faults;
+mod upstreams;
