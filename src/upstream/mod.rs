@@ -287,6 +287,8 @@ impl<'a> ForwardedRequest<'a> {
 /// The serialised forwarded body of `request`: what goes upstream, and what identifies the
 /// request for caching.
 pub fn forwarded_body(request: &ValidRequest) -> Vec<u8> {
+    // Serialising a struct of strings and integers into a Vec cannot fail (serde_json errors
+    // only on non-string map keys, failing Serialize impls, or I/O); the fallback is unreachable.
     serde_json::to_vec(&ForwardedRequest::new(request)).unwrap_or_default()
 }
 

@@ -1015,6 +1015,49 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn what_the_upstream_reports_about_its_limits_is_kept_per_key() {
+        let pool = pool(&[("a", 100, 10)], 10, Duration::from_secs(1));
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-ratelimit-remaining-requests",
+            HeaderValue::from_static("41"),
+        );
+        headers.insert(
+            "x-ratelimit-reset-requests",
+            HeaderValue::from_static("6m0s"),
+        );
+        headers.insert(
+            "x-ratelimit-remaining-tokens",
+            HeaderValue::from_static("not a number"),
+        );
+        pool.acquire("c").await.unwrap().succeeded(&headers);
+        let limits = pool.status().keys[0].upstream_limits.clone().unwrap();
+        assert_eq!(limits.remaining_requests, Some(41));
+        assert_eq!(limits.reset_requests.as_deref(), Some("6m0s"));
+        assert_eq!(limits.remaining_tokens, None, "garbage is ignored");
+
+        // An answer without the headers keeps the last report; a bad reset value is dropped.
+        pool.acquire("c")
+            .await
+            .unwrap()
+            .succeeded(&HeaderMap::new());
+        assert_eq!(
+            pool.status().keys[0]
+                .upstream_limits
+                .as_ref()
+                .unwrap()
+                .remaining_requests,
+            Some(41)
+        );
+        let mut odd = HeaderMap::new();
+        odd.insert(
+            "x-ratelimit-reset-requests",
+            HeaderValue::from_static("<script>"),
+        );
+        assert!(UpstreamLimits::from_headers(&odd).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_full_queue_refuses_at_once() {
         let pool = Arc::new(pool(&[("a", 1000, 1)], 2, Duration::from_secs(600)));
         let _held = pool.acquire("c").await.unwrap();
