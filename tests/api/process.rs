@@ -182,6 +182,11 @@ impl ConfigFile {
         ConfigFile { _dir: dir, path }
     }
 
+    /// The config built in code (see `helpers::base_config`), as the TOML file `serve` reads.
+    pub fn from_config(config: &imagegate::Config) -> ConfigFile {
+        ConfigFile::new(&config.to_toml())
+    }
+
     pub fn write(&self, text: &str) {
         std::fs::write(&self.path, text).unwrap();
     }

@@ -5,11 +5,14 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use imagegate::auth::key_digest_hex;
+use imagegate::config::StorageBackend;
 use imagegate::mock_upstream::{MockOptions, MockUpstream};
 use serde_json::{Value, json};
 
-use crate::helpers::{MODEL, TestApp, error_body, http_client, random_hex, spawn_app_with};
+use crate::helpers::{
+    MODEL, TestApp, UPSTREAM_KEY_VAR, base_config, error_body, http_client, random_hex,
+    spawn_app_with,
+};
 use crate::process::{BIN, ConfigFile, GatewayProcess};
 
 fn slow() -> MockOptions {
@@ -146,39 +149,14 @@ async fn cache_hits_spend_no_quota_but_count_as_cached() {
     assert_eq!(usage["clients"][0]["day"]["used"].as_u64(), Some(1));
 }
 
+/// A gateway on a real SQLite file, cache off, a daily quota of 30 for team-a.
 fn durable_config(base_url: &str, client_key: &str, db: &std::path::Path) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-[storage]
-backend = "sqlite"
-path = "{db}"
-[cache]
-enabled = false
-[[upstreams]]
-name = "primary"
-base_url = "{base_url}"
-  [[upstreams.keys]]
-  id = "k1"
-  env = "UPSTREAM_KEY"
-  requests_per_minute = 10000
-  max_concurrent = 100
-[[models]]
-name = "{MODEL}"
-[client_defaults]
-requests_per_minute = 10000
-images_per_minute = 10000
-max_concurrent = 100
-images_per_day = 30
-[[clients]]
-id = "team-a"
-key_sha256 = "{digest}"
-"#,
-        db = db.display(),
-        digest = key_digest_hex(client_key),
-    )
+    let mut config = base_config(base_url, client_key, "unused");
+    config.storage.backend = StorageBackend::Sqlite;
+    config.storage.path = db.to_owned();
+    config.cache.enabled = false;
+    config.client_defaults.images_per_day = 30;
+    config.to_toml()
 }
 
 #[tokio::test]
@@ -193,7 +171,7 @@ async fn usage_survives_kill_9_and_is_never_below_what_clients_received() {
     let placeholder = ConfigFile::new("");
     let db = placeholder.path.with_file_name("imagegate.db");
     let config = ConfigFile::new(&durable_config(&mock.base_url(), &client_key, &db));
-    let env = [("UPSTREAM_KEY", "sk-upstream")];
+    let env = [(UPSTREAM_KEY_VAR, "sk-upstream")];
     let http = http_client();
 
     let gateway = GatewayProcess::start(&config.path, &env);
@@ -241,7 +219,7 @@ async fn usage_survives_kill_9_and_is_never_below_what_clients_received() {
         .args(["usage", "--json", "--config"])
         .arg(&config.path)
         .env_clear()
-        .env("UPSTREAM_KEY", "sk-upstream")
+        .env(UPSTREAM_KEY_VAR, "sk-upstream")
         .output()
         .unwrap();
     assert!(
@@ -286,7 +264,7 @@ async fn usage_survives_kill_9_and_is_never_below_what_clients_received() {
         .args(["usage", "--config"])
         .arg(&config.path)
         .env_clear()
-        .env("UPSTREAM_KEY", "sk-upstream")
+        .env(UPSTREAM_KEY_VAR, "sk-upstream")
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&table.stdout);

@@ -4,37 +4,21 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use imagegate::auth::key_digest_hex;
+use imagegate::config::ClientConfig;
 use imagegate::mock_upstream::{MockOptions, MockUpstream};
 use serde_json::json;
 
-use crate::helpers::{MODEL, http_client, random_hex};
+use crate::helpers::{MODEL, UPSTREAM_KEY_VAR, base_config, http_client, random_hex};
 use crate::process::{ConfigFile, GatewayProcess};
 
+/// The gateway's config with `clients` (id, key) as its only clients.
 fn config_text(base_url: &str, clients: &[(&str, &str)]) -> String {
-    let mut text = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-[storage]
-backend = "memory"
-[[upstreams]]
-name = "primary"
-base_url = "{base_url}"
-  [[upstreams.keys]]
-  id = "k1"
-  env = "UPSTREAM_KEY"
-[[models]]
-name = "{MODEL}"
-"#
-    );
-    for (id, key) in clients {
-        text.push_str(&format!(
-            "[[clients]]\nid = \"{id}\"\nkey_sha256 = \"{}\"\n",
-            key_digest_hex(key)
-        ));
-    }
-    text
+    let mut config = base_config(base_url, "unused", "unused");
+    config.clients = clients
+        .iter()
+        .map(|(id, key)| ClientConfig::new(id, &key_digest_hex(key)))
+        .collect();
+    config.to_toml()
 }
 
 fn reloaded(v: &serde_json::Value) -> bool {
@@ -53,7 +37,7 @@ async fn sighup_adds_clients_revokes_keys_and_keeps_the_old_config_when_the_file
     let key_a = format!("sk-a-{}", random_hex(8));
     let key_b = format!("sk-b-{}", random_hex(8));
     let config = ConfigFile::new(&config_text(&base, &[("team-a", &key_a)]));
-    let gateway = GatewayProcess::start(&config.path, &[("UPSTREAM_KEY", "sk-upstream")]);
+    let gateway = GatewayProcess::start(&config.path, &[(UPSTREAM_KEY_VAR, "sk-upstream")]);
     let http = http_client();
     let generate = |key: &str, prompt: &str| {
         http.post(gateway.url("/v1/images/generations"))

@@ -5,10 +5,11 @@
 use std::net::SocketAddr;
 
 use imagegate::auth::key_digest_hex;
+use imagegate::config::PromptLogging;
 use imagegate::mock_upstream::{MockOptions, MockUpstream};
 use serde_json::json;
 
-use crate::helpers::{MODEL, http_client, random_hex};
+use crate::helpers::{MODEL, UPSTREAM_KEY_VAR, base_config, http_client, random_hex};
 use crate::process::{ConfigFile, GatewayProcess};
 
 #[tokio::test]
@@ -22,36 +23,16 @@ async fn canary_keys_never_appear_in_logs_responses_or_headers() {
     let upstream_key = format!("sk-canary-upstream-{}", random_hex(12));
     let client_key = format!("sk-canary-client-{}", random_hex(12));
     let canary_prompt = format!("canary-prompt-{}", random_hex(8));
-    let config = ConfigFile::new(&format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-[storage]
-backend = "memory"
-[log]
-format = "json"
-level = "debug"
-prompts = "off"
-[[upstreams]]
-name = "primary"
-base_url = "{base}"
-  [[upstreams.keys]]
-  id = "canary-key"
-  env = "CANARY_UPSTREAM_KEY"
-[[models]]
-name = "{MODEL}"
-[[clients]]
-id = "canary-client"
-key_sha256 = "{digest}"
-"#,
-        base = mock.base_url(),
-        digest = key_digest_hex(&client_key),
-    ));
-    let gateway = GatewayProcess::start(
-        &config.path,
-        &[("CANARY_UPSTREAM_KEY", upstream_key.as_str())],
+    let mut config = base_config(
+        &mock.base_url(),
+        &client_key,
+        &format!("sk-other-{}", random_hex(8)),
     );
+    config.log.level = "debug".to_owned();
+    config.log.prompts = PromptLogging::Off;
+    config.upstreams[0].keys[0].id = "canary-key".to_owned();
+    let config = ConfigFile::from_config(&config);
+    let gateway = GatewayProcess::start(&config.path, &[(UPSTREAM_KEY_VAR, upstream_key.as_str())]);
     let http = http_client();
 
     let mut seen = String::new();
