@@ -82,6 +82,8 @@ pub struct Database {
     path: PathBuf,
     writer: Writer,
     reader: Reader,
+    /// Held while any clone lives: see [`lock_exclusively`].
+    _lock: Arc<std::fs::File>,
 }
 
 impl std::fmt::Debug for Database {
@@ -105,6 +107,7 @@ impl Database {
                 open_error(format!("cannot create directory {}: {e}", dir.display()))
             })?;
         }
+        let lock = lock_exclusively(path).map_err(open_error)?;
         let mut conn = Connection::open(path).map_err(|e| open_error(e.to_string()))?;
         configure_write_connection(&conn).map_err(open_error)?;
         migrate(&mut conn, path)?;
@@ -115,6 +118,7 @@ impl Database {
             path: path.to_owned(),
             writer,
             reader,
+            _lock: Arc::new(lock),
         })
     }
 
@@ -136,6 +140,35 @@ impl Database {
 
     pub fn reader(&self) -> &Reader {
         &self.reader
+    }
+}
+
+/// Takes an exclusive lock on `<path>.lock` for as long as the returned file lives. A second
+/// gateway on the same file would settle the first one's in-flight reservations as charged at
+/// its start and split the single-writer design; the lock makes it refuse to start instead. The
+/// OS drops the lock when the process dies, `kill -9` included. Readers (`imagegate usage`) do
+/// not take it.
+fn lock_exclusively(path: &Path) -> Result<std::fs::File, String> {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| {
+            format!(
+                "cannot open lock file {}: {e}",
+                Path::new(&lock_path).display()
+            )
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(
+            "another imagegate process is using this file (its .lock is held); each gateway needs its own storage.path"
+                .to_owned(),
+        ),
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("cannot lock {}: {e}", Path::new(&lock_path).display())),
     }
 }
 
@@ -505,6 +538,23 @@ fn run_batch(conn: &mut Connection, batch: &mut [Box<dyn Job>]) -> rusqlite::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_second_gateway_on_the_same_file_is_refused_until_the_first_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("imagegate.db");
+        let first = Database::open(&path).unwrap();
+        let err = Database::open(&path)
+            .expect_err("second open refused")
+            .to_string();
+        assert!(err.contains("another imagegate process"), "{err}");
+        // Readers (`imagegate usage`) do not take the lock.
+        Reader::open_existing(&path)
+            .await
+            .expect("a reader opens while the gateway holds the lock");
+        drop(first);
+        Database::open(&path).expect("free again once the first is dropped");
+    }
 
     fn count(conn: &Connection) -> Result<i64, StorageError> {
         Ok(conn.query_row("SELECT COUNT(*) FROM usage_daily", [], |r| r.get(0))?)

@@ -300,8 +300,9 @@ async fn usage_survives_a_crash_and_pending_reservations_are_charged() {
         let r = ledger.reserve(request("team", &l, 2, 1.0)).await.unwrap();
         r.commit(2).await.unwrap();
         let in_flight = ledger.reserve(request("team", &l, 3, 1.0)).await.unwrap();
-        // A crash: no close, and the in-flight request is never settled.
-        std::mem::forget(in_flight);
+        // A crash: no close, and the in-flight request is never settled (dropping an unsettled
+        // reservation leaves it pending, as a crash would).
+        drop(in_flight);
         drop(ledger);
     }
     let ledger = Ledger::open(&sqlite_config(&path), midday()).await.unwrap();
@@ -316,6 +317,8 @@ async fn usage_survives_a_crash_and_pending_reservations_are_charged() {
     let refused = ledger.reserve(request("team", &l, 96, 0.0)).await;
     assert_eq!(exhausted_window(refused), Window::Day);
     ledger.close().await;
+    // Closing ends the writer; dropping the last handle releases the file's lock.
+    drop(ledger);
 
     // Opening again changes nothing: the pending row was settled exactly once.
     let ledger = Ledger::open(&sqlite_config(&path), midday()).await.unwrap();
