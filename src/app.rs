@@ -25,12 +25,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::ClientKeys;
 use crate::cache::ResponseCache;
-use crate::config::{Config, ConfigError, Env, ServerConfig};
+use crate::config::{Config, ConfigError, Env, ServerConfig, StorageBackend, StorageConfig};
 use crate::rate_limit::{MonotonicClock, RateLimits};
 use crate::router;
+use crate::storage::Database;
+use crate::tasks::{LocalTaskStore, TaskStore, Tasks};
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::Upstreams;
-use crate::usage::{Ledger, SystemClock};
+use crate::usage::{Ledger, LedgerError, SystemClock};
 use crate::validate::Models;
 
 /// Everything a request needs, shared by all of them.
@@ -49,6 +51,8 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// Quotas and usage, durable in `[storage]`.
     pub ledger: Ledger,
+    /// Async tasks, durable in `[storage]` (the same file as the ledger).
+    pub tasks: Tasks,
     runtime: RwLock<Arc<Runtime>>,
     /// Unix seconds at start, reported as `created` of models.
     pub started_at: u64,
@@ -174,14 +178,15 @@ impl App {
         install_crypto_provider();
         let metrics = Arc::new(Metrics::new());
         let runtime = Runtime::build(config, env, &metrics)?;
-        let ledger = Ledger::open(&runtime.config.storage, Arc::new(SystemClock))
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot open the usage ledger at storage.path {}",
-                    runtime.config.storage.path.display()
-                )
-            })?;
+        let (ledger, task_store) =
+            open_storage(&runtime.config.storage)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot open storage at storage.path {}",
+                        runtime.config.storage.path.display()
+                    )
+                })?;
         if runtime.clients.is_empty() {
             tracing::warn!("no [[clients]] configured: every request will be refused with 401");
         }
@@ -189,6 +194,11 @@ impl App {
             server: runtime.config.server.clone(),
             limits: RateLimits::new(&runtime.clients.limits(), Arc::new(MonotonicClock::new())),
             cache: ResponseCache::new(&runtime.config.cache),
+            tasks: Tasks::new(
+                task_store,
+                runtime.config.tasks.clone(),
+                Arc::clone(&metrics),
+            ),
             metrics,
             ledger,
             runtime: RwLock::new(Arc::new(runtime)),
@@ -197,6 +207,11 @@ impl App {
                 .map_or(0, |d| d.as_secs()),
             draining: AtomicBool::new(false),
         });
+        // After the ledger settled what a crash left pending and before any request: tasks an
+        // earlier run accepted go first.
+        Tasks::start(&state)
+            .await
+            .context("cannot resume the async tasks in storage")?;
         let public = TcpListener::bind(state.server.listen)
             .await
             .with_context(|| format!("cannot listen on server.listen {}", state.server.listen))?;
@@ -279,6 +294,8 @@ impl App {
         );
         stop_public.cancel();
         let _ = public.await;
+        // Queued tasks stay in storage for the next start; running ones get the grace period.
+        self.state.tasks.shutdown(grace).await;
         // Upstream calls whose clients went away still finish and are recorded.
         if tokio::time::timeout(grace, self.state.cache.close())
             .await
@@ -286,10 +303,32 @@ impl App {
         {
             tracing::warn!("grace period over with upstream calls still running");
         }
+        // Last: everything above may still record usage or task outcomes. Flushes the writer
+        // and checkpoints the file.
+        self.state.ledger.close().await;
         stop_admin.cancel();
         let _ = admin.await;
         tracing::info!("shutdown complete");
         Ok(())
+    }
+}
+
+/// Opens the configured storage for the ledger and the task store: one SQLite file with one
+/// writer shared by both, or memory. `redis` is refused until it exists rather than silently
+/// running without durable limits.
+async fn open_storage(config: &StorageConfig) -> Result<(Ledger, Arc<dyn TaskStore>), LedgerError> {
+    let clock = Arc::new(SystemClock);
+    match config.backend {
+        StorageBackend::Memory => Ok((
+            Ledger::in_memory(clock),
+            Arc::new(LocalTaskStore::in_memory()),
+        )),
+        StorageBackend::Redis => Err(LedgerError::BackendNotBuilt("redis")),
+        StorageBackend::Sqlite => {
+            let db = Database::open_async(&config.path).await?;
+            let ledger = Ledger::with_database(db.clone(), clock).await?;
+            Ok((ledger, Arc::new(LocalTaskStore::sqlite(db))))
+        }
     }
 }
 

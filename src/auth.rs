@@ -118,6 +118,12 @@ impl ClientKeys {
         &self.clients
     }
 
+    /// The configured client `id`, for work done on its behalf after its request was
+    /// authenticated (an async task running later).
+    pub fn client(&self, id: &str) -> Option<&Arc<Client>> {
+        self.clients.iter().find(|c| c.id.as_str() == id)
+    }
+
     /// Each client's id with its effective limits.
     pub fn limits(&self) -> Vec<(ClientId, ClientLimits)> {
         self.clients

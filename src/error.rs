@@ -198,6 +198,53 @@ impl ApiError {
         .with_code("request_timeout")
     }
 
+    /// 404 for a task id that does not exist, expired, or belongs to another client: one
+    /// answer for all three, so task ids cannot be probed.
+    pub fn task_not_found() -> Self {
+        ApiError::not_found(
+            "task_not_found",
+            "No task with this id exists for your API key (unknown, expired, or another client's).",
+        )
+    }
+
+    /// 409: the `Idempotency-Key` already names a task with a different request.
+    pub fn idempotency_conflict() -> Self {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorType::InvalidRequest,
+            "This Idempotency-Key was already used with a different request body; use a new key for a new request.",
+        )
+        .with_code("idempotency_key_reused")
+    }
+
+    /// 503: `tasks.max_queued` tasks are waiting already.
+    pub fn task_queue_full(retry_after: Duration) -> Self {
+        ApiError::unavailable(
+            "task_queue_full",
+            "Too many async tasks are waiting; retry after the delay in Retry-After.",
+        )
+        .with_retry_after(retry_after)
+    }
+
+    /// The error of a task that restarts kept interrupting.
+    pub fn internal_task_interrupted() -> Self {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorType::Server,
+            "The task was interrupted by gateway restarts too many times and was stopped; its quota was refunded. Submit it again.",
+        )
+        .with_code("task_interrupted")
+    }
+
+    /// The error of a native task the upstream did not finish within `tasks.native_timeout_secs`.
+    pub fn task_timed_out() -> Self {
+        ApiError::upstream(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_timeout",
+            "The upstream provider did not finish the task in time; its quota was refunded.",
+        )
+    }
+
     pub fn unavailable(code: &'static str, message: &'static str) -> Self {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorType::Server, message).with_code(code)
     }

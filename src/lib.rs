@@ -16,6 +16,7 @@ pub mod mock_upstream;
 pub mod rate_limit;
 pub mod router;
 pub mod storage;
+pub mod tasks;
 pub mod telemetry;
 pub mod upstream;
 pub mod usage;

@@ -16,7 +16,7 @@ use axum::routing::{get, post};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::api::{self, admin, images, models};
+use crate::api::{self, admin, images, models, tasks};
 use crate::app::AppState;
 use crate::error::ApiError;
 use crate::telemetry::http::{log_request, request_id};
@@ -28,6 +28,7 @@ pub fn public(state: AppState) -> Router {
         .route("/v1/images/generations", post(images::create_generation))
         .route("/v1/models", get(models::list_models))
         .route("/v1/models/{id}", get(models::get_model))
+        .route("/v1/tasks/{id}", get(tasks::get_task))
         // Only matched routes authenticate: unknown paths answer 404 without revealing more.
         .route_layer(from_fn_with_state(state.clone(), api::require_client))
         .fallback(api::route_not_found)

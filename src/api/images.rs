@@ -1,4 +1,4 @@
-//! `POST /v1/images/generations`.
+//! `POST /v1/images/generations`: a synchronous generation, or with `"async": true` a task.
 
 use axum::Extension;
 use axum::extract::State;
@@ -6,10 +6,14 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::JsonObject;
+use super::tasks::task_response;
 use crate::app::AppState;
 use crate::auth::AuthenticatedClient;
 use crate::error::ApiError;
-use crate::generate::{Trace, generate};
+use crate::generate::{Created, Options, Trace, create_generation as create};
+
+/// Longest `Idempotency-Key` accepted (Stripe's limit; keys are usually UUIDs).
+const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 pub async fn create_generation(
     State(state): State<AppState>,
@@ -19,14 +23,18 @@ pub async fn create_generation(
 ) -> Response {
     let mut trace = Trace::default();
     let cache_control = cache_control(&headers);
-    let result = match body {
-        Ok(JsonObject(body)) => {
-            generate(&state, &client, &body, cache_control.as_deref(), &mut trace).await
+    let result = match (body, idempotency_key(&headers)) {
+        (Ok(JsonObject(body)), Ok(idempotency_key)) => {
+            let options = Options {
+                cache_control: cache_control.as_deref(),
+                idempotency_key,
+            };
+            create(&state, &client, &body, options, &mut trace).await
         }
-        Err(e) => Err(e),
+        (Err(e), _) | (_, Err(e)) => Err(e),
     };
     let mut response = match result {
-        Ok(generated) => {
+        Ok(Created::Image(generated)) => {
             // The upstream's bytes go out as they came: no parse-and-reserialise of b64 images.
             let mut response = (StatusCode::OK, generated.response.body).into_response();
             let headers = response.headers_mut();
@@ -36,6 +44,17 @@ pub async fn create_generation(
             );
             if let Some(id) = generated.response.upstream_request_id {
                 headers.insert("x-upstream-request-id", id);
+            }
+            response
+        }
+        Ok(Created::Task(submitted)) => {
+            let mut response = task_response(StatusCode::ACCEPTED, &submitted.view);
+            let headers = response.headers_mut();
+            if let Ok(location) = HeaderValue::try_from(format!("/v1/tasks/{}", submitted.id)) {
+                headers.insert(header::LOCATION, location);
+            }
+            if submitted.replayed {
+                headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
             }
             response
         }
@@ -60,4 +79,27 @@ fn cache_control(headers: &HeaderMap) -> Option<String> {
         .filter_map(|v| v.to_str().ok())
         .collect();
     (!values.is_empty()).then(|| values.join(","))
+}
+
+/// The `Idempotency-Key` header: 1–255 visible ASCII characters, or absent.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(key)
+            if !key.is_empty()
+                && key.len() <= MAX_IDEMPOTENCY_KEY
+                && key.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            Ok(Some(key))
+        }
+        _ => Err(ApiError::invalid_request(
+            format!(
+                "The Idempotency-Key header must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters."
+            ),
+            None,
+        )
+        .with_code("invalid_idempotency_key")),
+    }
 }

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod images;
 pub mod models;
+pub mod tasks;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request, State};

@@ -131,8 +131,15 @@ impl Config {
         if s.max_body_bytes < 1024 {
             return Err(invalid("server.max_body_bytes", "must be at least 1024"));
         }
-        if self.tasks.workers == 0 {
-            return Err(invalid("tasks.workers", "must be at least 1"));
+        for (key, v) in [
+            ("tasks.workers", self.tasks.workers as u64),
+            ("tasks.max_queued", self.tasks.max_queued as u64),
+            ("tasks.ttl_secs", self.tasks.ttl_secs),
+            ("tasks.native_timeout_secs", self.tasks.native_timeout_secs),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
         }
         if self.cache.enabled && self.cache.ttl_secs == 0 {
             return Err(invalid(

@@ -11,6 +11,9 @@ pub struct TasksConfig {
     pub max_queued: usize,
     /// Tasks processed at once.
     pub workers: usize,
+    /// A native-mode task the upstream has not finished after this long fails (and is
+    /// refunded).
+    pub native_timeout_secs: u64,
 }
 
 impl Default for TasksConfig {
@@ -19,6 +22,7 @@ impl Default for TasksConfig {
             ttl_secs: 86_400,
             max_queued: 10_000,
             workers: 64,
+            native_timeout_secs: 3_600,
         }
     }
 }

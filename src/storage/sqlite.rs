@@ -62,6 +62,40 @@ const MIGRATIONS: &[&str] = &[
         cost_micros INTEGER NOT NULL,
         created_at  INTEGER NOT NULL
     );",
+    // 2: async tasks.
+    // reservations.holder: the task id that holds a reservation across restarts; such rows
+    // are not settled at start but handed back to their task.
+    // tasks: one row per async task, from submit until `expires_at` (set when it finishes).
+    // `request` is the submitted body as JSON, re-validated when the task runs; `result` is
+    // the upstream's ImagesResponse bytes. The unique index makes an Idempotency-Key name at
+    // most one task per client.
+    "ALTER TABLE reservations ADD COLUMN holder TEXT;
+    CREATE TABLE tasks (
+        id              TEXT    PRIMARY KEY,
+        client          TEXT    NOT NULL,
+        state           TEXT    NOT NULL,
+        mode            TEXT    NOT NULL,
+        request         TEXT    NOT NULL,
+        cache_read      INTEGER NOT NULL,
+        cache_store     INTEGER NOT NULL,
+        idempotency_key TEXT,
+        request_hash    BLOB    NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        upstream        TEXT,
+        upstream_key    TEXT,
+        upstream_task   TEXT,
+        images          INTEGER,
+        result          BLOB,
+        error           TEXT,
+        created_at      INTEGER NOT NULL,
+        started_at      INTEGER,
+        finished_at     INTEGER,
+        expires_at      INTEGER
+    );
+    CREATE UNIQUE INDEX tasks_by_idempotency_key ON tasks (client, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX tasks_pending ON tasks (created_at) WHERE state IN ('queued', 'processing');
+    CREATE INDEX tasks_by_expiry ON tasks (expires_at) WHERE expires_at IS NOT NULL;",
 ];
 
 /// The schema version this build writes and understands.

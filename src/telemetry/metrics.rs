@@ -119,6 +119,10 @@ pub struct Metrics {
     /// The eviction count last copied into `cache_evictions` (moka counts; we mirror deltas).
     cache_evictions_seen: Mutex<u64>,
     pub tasks: Family<TaskStateLabels, Gauge>,
+    /// Time tasks wait in the queue before a worker takes them.
+    pub task_wait: Histogram,
+    /// Time from queueing (submit, or resume after a restart) to completed or failed.
+    pub task_duration: Histogram,
     pub upstream_queue_depth: Family<UpstreamLabels, Gauge>,
     pub upstream_key_state: Family<KeyStateLabels, Gauge>,
     pub upstream_ratelimit_remaining: Family<KeyLabels, Gauge>,
@@ -154,6 +158,8 @@ impl Metrics {
             cache_evictions: Counter::default(),
             cache_evictions_seen: Mutex::new(0),
             tasks: Family::default(),
+            task_wait: latency_histogram(),
+            task_duration: latency_histogram(),
             upstream_queue_depth: Family::default(),
             upstream_key_state: Family::default(),
             upstream_ratelimit_remaining: Family::default(),
@@ -220,7 +226,21 @@ impl Metrics {
             "Cache entries evicted for size or age",
             m.cache_evictions.clone(),
         );
-        registry.register("tasks", "Async tasks by state", m.tasks.clone());
+        registry.register(
+            "tasks",
+            "Async tasks queued or processing now",
+            m.tasks.clone(),
+        );
+        registry.register(
+            "task_wait_seconds",
+            "Time async tasks waited for a worker",
+            m.task_wait.clone(),
+        );
+        registry.register(
+            "task_duration_seconds",
+            "Time from queueing an async task to its completion or failure",
+            m.task_duration.clone(),
+        );
         registry.register(
             "upstream_queue_depth",
             "Requests waiting for an upstream key",
@@ -237,6 +257,18 @@ impl Metrics {
             m.upstream_ratelimit_remaining.clone(),
         );
         Metrics { registry, ..m }
+    }
+
+    /// Counts `images` delivered to `client` for `request`.
+    pub fn count_images(&self, client: &str, request: &crate::validate::ValidRequest, images: u32) {
+        self.images
+            .get_or_create(&ImageLabels {
+                client: client.to_owned(),
+                model: request.model.name().to_owned(),
+                size: request.size.clone(),
+                quality: request.quality.clone(),
+            })
+            .inc_by(u64::from(images));
     }
 
     /// Mirrors moka's cumulative eviction count into the counter.

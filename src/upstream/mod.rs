@@ -35,7 +35,7 @@ use bytes::Bytes;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
-use crate::config::{Config, ConfigError, Secrets};
+use crate::config::{Config, ConfigError, Secrets, TaskMode};
 use crate::error::ApiError;
 use crate::telemetry::metrics::{Metrics, UpstreamLabels, UpstreamOutcomeLabels};
 use crate::validate::ValidRequest;
@@ -46,12 +46,18 @@ const DEFAULT_COOLDOWN: Duration = Duration::from_secs(10);
 /// First retry waits up to this (full jitter), doubling per retry.
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Longest a native task poll may take: it is a small read.
+const POLL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One configured provider.
 #[derive(Debug)]
 pub struct Upstream {
     pub name: Arc<str>,
     generations_url: reqwest::Url,
+    /// `{base_url}/tasks/`, for polling native tasks.
+    tasks_url: reqwest::Url,
+    /// Who runs `async: true` requests for models whose first upstream this is.
+    pub tasks: TaskMode,
     pool: KeyPool,
     http: reqwest::Client,
     timeout: Duration,
@@ -78,6 +84,37 @@ pub struct UpstreamResponse {
     pub key_id: Arc<str>,
     /// The upstream's `x-request-id`, when it sent a well-formed one.
     pub upstream_request_id: Option<HeaderValue>,
+}
+
+/// A task the upstream accepted in its own async mode (`tasks = "native"`).
+#[derive(Debug, Clone)]
+pub struct NativeTask {
+    pub upstream: Arc<str>,
+    /// The key that created it: polls must use the same one.
+    pub key_id: Arc<str>,
+    /// The upstream's id for it; never shown to clients.
+    pub upstream_task_id: String,
+}
+
+/// What a poll of a native task found.
+#[derive(Debug)]
+pub enum NativeStatus {
+    /// Still queued or processing upstream, with the upstream's progress (0–99).
+    Pending { progress: u8 },
+    /// Done: the result as a plain `ImagesResponse` (the task fields stripped).
+    Completed(UpstreamResponse),
+    /// The upstream says the task failed, or can no longer tell (unknown task, key refused).
+    /// Final: polling again would not help.
+    Failed(UpstreamError),
+}
+
+/// What a successful answer must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// An `ImagesResponse` (a synchronous generation).
+    Images,
+    /// A task object with an id (a native async submit).
+    Task,
 }
 
 /// Why an upstream call failed. `Display` is for logs: it never contains a URL, key or body.
@@ -263,6 +300,9 @@ struct ForwardedRequest<'a> {
     output_compression: Option<u8>,
     #[serde(skip_serializing_if = "Option::is_none")]
     moderation: Option<&'a str>,
+    /// The upstream's own async flag: set only for native task submits.
+    #[serde(rename = "async", skip_serializing_if = "std::ops::Not::not")]
+    is_async: bool,
 }
 
 impl<'a> ForwardedRequest<'a> {
@@ -280,6 +320,7 @@ impl<'a> ForwardedRequest<'a> {
             output_format: r.output_format.as_deref(),
             output_compression: r.output_compression,
             moderation: r.moderation.as_deref(),
+            is_async: false,
         }
     }
 }
@@ -292,6 +333,13 @@ pub fn forwarded_body(request: &ValidRequest) -> Vec<u8> {
     serde_json::to_vec(&ForwardedRequest::new(request)).unwrap_or_default()
 }
 
+/// The forwarded body of a native async submit: [`forwarded_body`] plus `"async": true`.
+fn forwarded_task_body(request: &ValidRequest) -> Vec<u8> {
+    let mut forwarded = ForwardedRequest::new(request);
+    forwarded.is_async = true;
+    serde_json::to_vec(&forwarded).unwrap_or_default()
+}
+
 impl Upstreams {
     pub fn from_config(
         config: &Config,
@@ -301,11 +349,14 @@ impl Upstreams {
         let mut list = Vec::with_capacity(config.upstreams.len());
         for (u, keys) in config.upstreams.iter().zip(&secrets.upstream_keys) {
             let base = u.base_url.trim_end_matches('/');
-            let generations_url = reqwest::Url::parse(&format!("{base}/images/generations"))
-                .map_err(|e| ConfigError::Invalid {
+            let url = |path: &str| {
+                reqwest::Url::parse(&format!("{base}/{path}")).map_err(|e| ConfigError::Invalid {
                     path: format!("upstreams.{}.base_url", u.name),
                     reason: e.to_string(),
-                })?;
+                })
+            };
+            let generations_url = url("images/generations")?;
+            let tasks_url = url("tasks/")?;
             let keys = u
                 .keys
                 .iter()
@@ -332,6 +383,8 @@ impl Upstreams {
                 ),
                 name,
                 generations_url,
+                tasks_url,
+                tasks: u.tasks,
                 http: http::client(Duration::from_secs(u.connect_timeout_secs)).map_err(|e| {
                     ConfigError::Invalid {
                         path: format!("upstreams.{}", u.name),
@@ -361,6 +414,17 @@ impl Upstreams {
         self.list.iter().map(|u| u.pool.status()).collect()
     }
 
+    /// Who runs `request` when it is submitted with `async: true`: the `tasks` mode of the
+    /// model's first upstream.
+    pub fn task_mode(&self, request: &ValidRequest) -> TaskMode {
+        request
+            .model
+            .upstreams
+            .first()
+            .and_then(|&i| self.list.get(i))
+            .map_or(TaskMode::Gateway, |u| u.tasks)
+    }
+
     /// Generates `request` for `client` on the model's upstreams in failover order: keys of an
     /// upstream first (429 and refused keys move on at once), then the next upstream. Retries
     /// of failures are bounded by the first upstream's `max_retries` and by each upstream's
@@ -370,18 +434,68 @@ impl Upstreams {
         request: &ValidRequest,
         client: &str,
     ) -> Result<UpstreamResponse, UpstreamError> {
+        self.call(request, client, Expect::Images).await
+    }
+
+    /// Submits `request` with the upstream's own async flag, on the model's upstreams whose
+    /// `tasks = "native"`, with the same key choice, retries and failover as
+    /// [`generate`](Upstreams::generate).
+    pub async fn submit_task(
+        &self,
+        request: &ValidRequest,
+        client: &str,
+    ) -> Result<NativeTask, UpstreamError> {
+        let accepted = self.call(request, client, Expect::Task).await?;
+        let upstream_task_id = native_task_id(&accepted.body).ok_or(UpstreamError::BadResponse)?;
+        Ok(NativeTask {
+            upstream: accepted.upstream,
+            key_id: accepted.key_id,
+            upstream_task_id,
+        })
+    }
+
+    /// Asks the upstream that runs a native task how it is doing, with the key that created
+    /// it. `Err` is a transient failure (poll again later); a final one is
+    /// [`NativeStatus::Failed`].
+    pub async fn poll_task(
+        &self,
+        upstream: &str,
+        key_id: &str,
+        upstream_task_id: &str,
+    ) -> Result<NativeStatus, UpstreamError> {
+        let Some(u) = self.list.iter().find(|u| &*u.name == upstream) else {
+            return Ok(NativeStatus::Failed(UpstreamError::NoUpstream));
+        };
+        let Some(authorization) = u.pool.authorization_of(key_id) else {
+            // The key was removed from the config: nobody else may ask for this task.
+            return Ok(NativeStatus::Failed(UpstreamError::Unavailable));
+        };
+        u.poll(authorization, Arc::from(key_id), upstream_task_id)
+            .await
+    }
+
+    async fn call(
+        &self,
+        request: &ValidRequest,
+        client: &str,
+        expect: Expect,
+    ) -> Result<UpstreamResponse, UpstreamError> {
         let order: Vec<&Upstream> = request
             .model
             .upstreams
             .iter()
             .filter_map(|&i| self.list.get(i))
+            .filter(|u| expect == Expect::Images || u.tasks == TaskMode::Native)
             .collect();
         let first = order.first().ok_or(UpstreamError::NoUpstream)?;
         let max_retries = first.max_retries;
         for u in &order {
             u.budget.deposit();
         }
-        let body = Bytes::from(forwarded_body(request));
+        let body = Bytes::from(match expect {
+            Expect::Images => forwarded_body(request),
+            Expect::Task => forwarded_task_body(request),
+        });
         let mut retries = 0;
         let mut last: Option<UpstreamError> = None;
         let mut at = 0;
@@ -398,7 +512,7 @@ impl Upstreams {
             };
             let key_id = Arc::clone(&lease.key_id);
             let started = std::time::Instant::now();
-            let attempt = upstream.attempt(lease, body.clone()).await;
+            let attempt = upstream.attempt(lease, body.clone(), expect).await;
             self.record(upstream, &key_id, &attempt, started.elapsed());
             match attempt {
                 Attempt::Done(response) => return Ok(response),
@@ -473,7 +587,7 @@ fn prefer(previous: Option<UpstreamError>, next: UpstreamError) -> UpstreamError
 
 impl Upstream {
     /// One request with one key; settles the lease with the outcome.
-    async fn attempt(&self, lease: KeyLease, body: Bytes) -> Attempt {
+    async fn attempt(&self, lease: KeyLease, body: Bytes, expect: Expect) -> Attempt {
         let sent = self
             .http
             .post(self.generations_url.clone())
@@ -525,7 +639,11 @@ impl Upstream {
         };
 
         if status.is_success() {
-            return match count_images(&body) {
+            let images = match expect {
+                Expect::Images => count_images(&body),
+                Expect::Task => native_task_id(&body).map(|_| 0),
+            };
+            return match images {
                 Some(images) => {
                     let key_id = Arc::clone(&lease.key_id);
                     lease.succeeded(&headers);
@@ -574,6 +692,106 @@ impl Upstream {
             }
         }
     }
+}
+
+impl Upstream {
+    /// One poll of a native task. Polls use no admission slot: they are cheap reads of work
+    /// the key already paid for, and the key's rate limit is about generations.
+    async fn poll(
+        &self,
+        authorization: HeaderValue,
+        key_id: Arc<str>,
+        upstream_task_id: &str,
+    ) -> Result<NativeStatus, UpstreamError> {
+        let url = self
+            .tasks_url
+            .join(upstream_task_id)
+            .map_err(|_| UpstreamError::BadResponse)?;
+        let sent = self
+            .http
+            .get(url)
+            .header(reqwest::header::AUTHORIZATION, authorization)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .timeout(self.timeout.min(POLL_TIMEOUT))
+            .send()
+            .await
+            .map_err(http::classify)?;
+        let status = sent.status();
+        let body = http::read_capped(sent, self.max_response_bytes).await?;
+        match status.as_u16() {
+            200..=299 => {}
+            // The upstream no longer knows the task, or no longer accepts the key.
+            401 | 403 | 404 | 410 => {
+                return Ok(NativeStatus::Failed(UpstreamError::Rejected {
+                    status: status.as_u16(),
+                    code: error_code(&body),
+                }));
+            }
+            429 => {
+                return Err(UpstreamError::Busy {
+                    retry_after: DEFAULT_COOLDOWN,
+                });
+            }
+            other => return Err(UpstreamError::Status(other)),
+        }
+        let Ok(serde_json::Value::Object(mut task)) = serde_json::from_slice(&body) else {
+            return Err(UpstreamError::BadResponse);
+        };
+        let state = task
+            .get("status")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("");
+        match state {
+            "completed" | "succeeded" | "success" => {
+                // The result is the task object minus its task fields: the sync answer.
+                for field in ["id", "object", "status", "progress", "error"] {
+                    task.remove(field);
+                }
+                let body =
+                    Bytes::from(serde_json::to_vec(&task).map_err(|_| UpstreamError::BadResponse)?);
+                let images = count_images(&body).ok_or(UpstreamError::BadResponse)?;
+                Ok(NativeStatus::Completed(UpstreamResponse {
+                    body,
+                    images,
+                    upstream: Arc::clone(&self.name),
+                    key_id,
+                    upstream_request_id: None,
+                }))
+            }
+            "failed" | "failure" | "error" | "cancelled" => {
+                let code = error_code(&body);
+                Ok(NativeStatus::Failed(UpstreamError::Rejected {
+                    status: status.as_u16(),
+                    code,
+                }))
+            }
+            _ => {
+                let progress = task
+                    .get("progress")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0)
+                    .min(99);
+                Ok(NativeStatus::Pending {
+                    progress: u8::try_from(progress).unwrap_or(99),
+                })
+            }
+        }
+    }
+}
+
+/// The `id` of a native task object, when it is a short identifier safe to put in a URL path.
+fn native_task_id(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Shape {
+        id: String,
+    }
+    let id = serde_json::from_slice::<Shape>(body).ok()?.id;
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+    ok.then_some(id)
 }
 
 fn bearer(secret: &SecretString) -> Result<HeaderValue, axum::http::header::InvalidHeaderValue> {

@@ -551,7 +551,8 @@ impl KeyPool {
             (id, client, rx)
         };
         self.inner.wake.notify_one();
-        let result = match tokio::time::timeout(self.inner.queue_timeout, rx).await {
+        let mut rx = rx;
+        let result = match tokio::time::timeout(self.inner.queue_timeout, &mut rx).await {
             Ok(Ok(result)) => result,
             // The pool was dropped (config reload) while waiting: treat as busy.
             Ok(Err(_)) => Err(PoolError::QueueTimeout {
@@ -563,11 +564,15 @@ impl KeyPool {
                     let hint = st.retry_hint(Instant::now());
                     return Err(PoolError::QueueTimeout { retry_after: hint });
                 }
-                // Served in the instant the timer fired: take what was sent.
                 drop(st);
-                return Err(PoolError::QueueTimeout {
-                    retry_after: Duration::from_secs(1),
-                });
+                // Served in the instant the timer fired: the key was taken for this request,
+                // so use it (dropping it here would leave its slot taken for good).
+                match rx.try_recv() {
+                    Ok(result) => result,
+                    Err(_) => Err(PoolError::QueueTimeout {
+                        retry_after: Duration::from_secs(1),
+                    }),
+                }
             }
         };
         let i = result?;
@@ -583,6 +588,16 @@ impl KeyPool {
             authorization: st.keys[i].authorization.clone(),
             settled: false,
         }
+    }
+
+    /// The `Authorization` value of key `key_id`, whatever its state: for following up on work
+    /// that key started (polling a native task), which must use the key that created it.
+    pub fn authorization_of(&self, key_id: &str) -> Option<HeaderValue> {
+        let st = self.inner.lock();
+        st.keys
+            .iter()
+            .find(|k| &*k.id == key_id)
+            .map(|k| k.authorization.clone())
     }
 
     /// Whether any key could serve (for readiness).

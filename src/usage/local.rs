@@ -34,6 +34,8 @@ pub struct LocalStore {
     quotas: Mutex<Quotas>,
     durability: Durability,
     next_id: AtomicU64,
+    /// Reservations with a holder that an earlier run left pending, until taken over.
+    held: Mutex<HashMap<String, Reservation>>,
 }
 
 impl LocalStore {
@@ -42,11 +44,13 @@ impl LocalStore {
             quotas: Mutex::new(Quotas::default()),
             durability: Durability::Memory(Mutex::new(HashMap::new())),
             next_id: AtomicU64::new(1),
+            held: Mutex::default(),
         }
     }
 
-    /// Settles what an unclean stop left pending in `db`, and loads the current month's
-    /// usage into the quota counters.
+    /// Settles what an unclean stop left pending in `db` (except reservations with a holder,
+    /// which stay pending and counted until taken over), and loads the current month's usage
+    /// into the quota counters.
     pub async fn from_database(db: Database, today: UtcDay) -> Result<LocalStore, LedgerError> {
         let settled = db.writer().execute(sql::settle_pending).await?;
         if settled.reservations > 0 {
@@ -63,10 +67,20 @@ impl LocalStore {
             .reader()
             .read(move |conn| sql::usage_rows(conn, month.first_day(), month.last_day()))
             .await?;
+        let quotas = quotas_from(&rows, &settled.held, today);
+        let held = settled
+            .held
+            .into_iter()
+            .filter_map(|row| {
+                let reservation = row.into_reservation();
+                Some((reservation.holder.clone()?, reservation))
+            })
+            .collect();
         Ok(LocalStore {
-            quotas: Mutex::new(quotas_from(&rows, &[], today)),
+            quotas: Mutex::new(quotas),
             durability: Durability::Sqlite(db),
             next_id: AtomicU64::new(settled.next_id),
+            held: Mutex::new(held),
         })
     }
 
@@ -257,6 +271,7 @@ impl LedgerStore for LocalStore {
             day,
             images: request.images,
             unit_price_micros,
+            holder: request.holder.map(str::to_owned),
         };
         let db = match &self.durability {
             Durability::Memory(_) => return ready(Ok(reservation)).boxed(),
@@ -313,6 +328,44 @@ impl LedgerStore for LocalStore {
             ..Tally::default()
         };
         self.settle(reservation, 0, tally)
+    }
+
+    fn release<'a>(
+        &'a self,
+        reservation: &'a Reservation,
+    ) -> BoxFuture<'a, Result<(), LedgerError>> {
+        self.quotas().settle(
+            &reservation.key.client,
+            reservation.day,
+            (reservation.images, reservation.cost_micros()),
+            (0, 0),
+        );
+        match &self.durability {
+            Durability::Memory(_) => ready(Ok(())).boxed(),
+            Durability::Sqlite(db) => {
+                let id = reservation.id;
+                let submitted = db
+                    .writer()
+                    .submit(move |tx| sql::delete_reservation(tx, id));
+                async move { Ok(submitted?.await?) }.boxed()
+            }
+        }
+    }
+
+    fn held(&self) -> Vec<String> {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    fn take_held(&self, holder: &str) -> Option<Reservation> {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(holder)
     }
 
     fn record_cached<'a>(

@@ -123,6 +123,10 @@ pub struct ReserveRequest<'a> {
     pub images: u32,
     /// Price of one image of this model and quality, in budget units.
     pub unit_price: f64,
+    /// Who holds the reservation across restarts, when that is not the request itself: an
+    /// async task's id. A held reservation survives a restart pending (see
+    /// [`Ledger::take_held`]) instead of being charged at the next start.
+    pub holder: Option<&'a str>,
 }
 
 /// Why a reservation was refused.
@@ -253,6 +257,24 @@ impl Ledger {
         })
     }
 
+    /// The holders of reservations that an earlier run left pending with a holder (async
+    /// tasks), in no particular order. Each stays pending until taken with
+    /// [`take_held`](Ledger::take_held).
+    pub fn held(&self) -> Vec<String> {
+        self.store.held()
+    }
+
+    /// Takes over the reservation an earlier run left pending for `holder`, to settle it now
+    /// or later. `None` if there is none (or it was taken already).
+    pub fn take_held(&self, holder: &str) -> Option<QuotaReservation> {
+        self.store
+            .take_held(holder)
+            .map(|reservation| QuotaReservation {
+                ledger: self.clone(),
+                reservation: Some(reservation),
+            })
+    }
+
     /// Records a cache hit: counted as `cached` images, spends no quota. Best effort: a
     /// failure is logged, not returned, because the client already has its answer.
     pub async fn record_cached(
@@ -365,11 +387,34 @@ impl QuotaReservation {
         };
         self.ledger.store.refund(&reservation).await
     }
+
+    /// Releases everything held without counting anything: the request was answered without
+    /// an upstream call of its own (a cache hit, recorded separately as cached) or was a
+    /// duplicate of another.
+    pub async fn release(mut self) -> Result<(), LedgerError> {
+        let Some(reservation) = self.reservation.take() else {
+            return Ok(());
+        };
+        self.ledger.store.release(&reservation).await
+    }
+
+    /// Leaves a held reservation pending on purpose (shutdown with async tasks still queued):
+    /// the next start finds it again with [`Ledger::take_held`]. Without a holder it is
+    /// charged at the next start, as after a crash.
+    pub fn leave_pending(mut self) {
+        self.reservation = None;
+    }
 }
 
 impl Drop for QuotaReservation {
     fn drop(&mut self) {
         if let Some(r) = &self.reservation {
+            if let Some(holder) = &r.holder {
+                // An async task's hold outlives this handle on purpose (shutdown with tasks
+                // still queued): its row stays pending for the task at the next start.
+                tracing::debug!(holder = %holder, reservation = r.id, "held reservation left pending for its task");
+                return;
+            }
             tracing::error!(
                 client = %r.key.client,
                 model = %r.key.model,

@@ -25,8 +25,8 @@ pub fn insert_reservation(
     created_at: i64,
 ) -> Result<(), StorageError> {
     tx.prepare_cached(
-        "INSERT INTO reservations (id, client, model, size, quality, day, images, cost_micros, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        "INSERT INTO reservations (id, client, model, size, quality, day, images, cost_micros, created_at, holder)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?
     .execute(params![
         to_sql_int(reservation.id),
@@ -38,6 +38,7 @@ pub fn insert_reservation(
         reservation.images,
         reservation.cost_micros(),
         created_at,
+        reservation.holder,
     ])?;
     Ok(())
 }
@@ -88,12 +89,30 @@ pub struct PendingRow {
     pub day: UtcDay,
     pub images: u64,
     pub cost_micros: i64,
+    /// Set for holds that outlive a restart (async tasks).
+    pub holder: Option<String>,
+}
+
+impl PendingRow {
+    /// The row as a live reservation again.
+    pub fn into_reservation(self) -> Reservation {
+        let images = u32::try_from(self.images).unwrap_or(u32::MAX);
+        Reservation {
+            id: self.id,
+            key: self.key,
+            day: self.day,
+            images,
+            // Exact: the cost was stored as images × unit price.
+            unit_price_micros: self.cost_micros / i64::from(images.max(1)),
+            holder: self.holder,
+        }
+    }
 }
 
 /// Every pending reservation.
 pub fn pending_reservations(conn: &Connection) -> Result<Vec<PendingRow>, StorageError> {
     let mut statement = conn.prepare_cached(
-        "SELECT id, client, model, size, quality, day, images, cost_micros FROM reservations",
+        "SELECT id, client, model, size, quality, day, images, cost_micros, holder FROM reservations",
     )?;
     let raw = statement
         .query_map([], |row| {
@@ -108,11 +127,12 @@ pub fn pending_reservations(conn: &Connection) -> Result<Vec<PendingRow>, Storag
                 row.get::<_, String>(5)?,
                 row.get::<_, i64>(6)?,
                 row.get::<_, i64>(7)?,
+                row.get::<_, Option<String>>(8)?,
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     raw.into_iter()
-        .map(|(id, key, day, images, cost_micros)| {
+        .map(|(id, key, day, images, cost_micros, holder)| {
             let day = UtcDay::parse(&day).ok_or_else(|| {
                 StorageError::Corrupt(format!("reservation {id} has a malformed day `{day}`"))
             })?;
@@ -122,6 +142,7 @@ pub fn pending_reservations(conn: &Connection) -> Result<Vec<PendingRow>, Storag
                 day,
                 images: from_sql_int(images),
                 cost_micros,
+                holder,
             })
         })
         .collect()
@@ -134,13 +155,20 @@ pub struct Settled {
     pub images: u64,
     /// An id above every id the table held, so new reservations never collide with one.
     pub next_id: u64,
+    /// Reservations with a holder, left pending for their holder to take over.
+    pub held: Vec<PendingRow>,
 }
 
-/// Charges every pending reservation in full (the client may have received its images
-/// before the crash) and deletes it.
+/// Charges every pending reservation without a holder in full (the client may have received
+/// its images before the crash) and deletes it; returns those with a holder untouched.
 pub fn settle_pending(tx: &Transaction<'_>) -> Result<Settled, StorageError> {
     let mut settled = Settled::default();
     for pending in pending_reservations(tx)? {
+        settled.next_id = settled.next_id.max(pending.id.saturating_add(1));
+        if pending.holder.is_some() {
+            settled.held.push(pending);
+            continue;
+        }
         let tally = Tally {
             requests: 1,
             images: pending.images,
@@ -150,9 +178,8 @@ pub fn settle_pending(tx: &Transaction<'_>) -> Result<Settled, StorageError> {
         add_usage(tx, &pending.key, pending.day, &tally)?;
         settled.reservations += 1;
         settled.images = settled.images.saturating_add(pending.images);
-        settled.next_id = settled.next_id.max(pending.id.saturating_add(1));
+        delete_reservation(tx, pending.id)?;
     }
-    tx.execute("DELETE FROM reservations", [])?;
     settled.next_id = settled.next_id.max(1);
     Ok(settled)
 }

@@ -48,6 +48,8 @@ pub struct Reservation {
     /// Price of one image in micro-units, fixed at reservation time so a config reload
     /// mid-request cannot change what this request costs.
     pub unit_price_micros: i64,
+    /// Who holds it across restarts (an async task's id), if anyone.
+    pub holder: Option<String>,
 }
 
 impl Reservation {
@@ -77,6 +79,18 @@ pub trait LedgerStore: Send + Sync + 'static {
     /// Releases a hold entirely and counts one failure.
     fn refund<'a>(&'a self, reservation: &'a Reservation)
     -> BoxFuture<'a, Result<(), LedgerError>>;
+
+    /// Releases a hold entirely and counts nothing.
+    fn release<'a>(
+        &'a self,
+        reservation: &'a Reservation,
+    ) -> BoxFuture<'a, Result<(), LedgerError>>;
+
+    /// Holders of the reservations a previous run left pending with a holder.
+    fn held(&self) -> Vec<String>;
+
+    /// Hands over the pending reservation of `holder` (at most once).
+    fn take_held(&self, holder: &str) -> Option<Reservation>;
 
     /// Counts images served from the cache on `day`; no quota is involved.
     fn record_cached<'a>(

@@ -37,6 +37,7 @@ fn request<'a>(
         quality: "standard",
         images,
         unit_price: price,
+        holder: None,
     }
 }
 
@@ -548,4 +549,63 @@ async fn throughput_of_reserve_and_commit_on_a_file() {
     let usage = client_usage(&ledger, "team", &l).await;
     assert_eq!(usage.today.images, TOTAL as u64);
     ledger.close().await;
+}
+
+#[tokio::test]
+async fn held_reservations_outlive_a_restart_for_their_holder_and_others_are_charged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("imagegate.db");
+    let l = limits(10, 100, None);
+    {
+        let ledger = Ledger::open(&sqlite_config(&path), midday()).await.unwrap();
+        let held = ledger
+            .reserve(ReserveRequest {
+                holder: Some("task_a"),
+                ..request("team", &l, 3, 1.0)
+            })
+            .await
+            .unwrap();
+        let plain = ledger.reserve(request("team", &l, 2, 1.0)).await.unwrap();
+        // A crash with both in flight.
+        drop((held, plain));
+        drop(ledger);
+    }
+    let ledger = Ledger::open(&sqlite_config(&path), midday()).await.unwrap();
+    let usage = client_usage(&ledger, "team", &l).await;
+    assert_eq!(
+        (usage.day.used, usage.day.reserved),
+        (2, 3),
+        "the plain hold is charged, the task's stays held"
+    );
+    assert_eq!(ledger.held(), vec!["task_a".to_owned()]);
+    // Held quota still counts against the limit.
+    let refused = ledger.reserve(request("team", &l, 6, 0.0)).await;
+    assert_eq!(exhausted_window(refused), Window::Day);
+    let r = ledger.take_held("task_a").expect("handed to its holder");
+    assert!(ledger.take_held("task_a").is_none(), "only once");
+    r.commit(1).await.unwrap();
+    let usage = client_usage(&ledger, "team", &l).await;
+    assert_eq!((usage.day.used, usage.day.reserved), (3, 0));
+    ledger.close().await;
+    drop(ledger);
+
+    let ledger = Ledger::open(&sqlite_config(&path), midday()).await.unwrap();
+    assert!(ledger.held().is_empty());
+    let usage = client_usage(&ledger, "team", &l).await;
+    assert_eq!((usage.day.used, usage.today.requests), (3, 2));
+    ledger.close().await;
+}
+
+#[tokio::test]
+async fn a_released_reservation_counts_nothing() {
+    on_both_backends(midday, |ledger, _| async move {
+        let l = limits(10, 100, Some(10.0));
+        let r = ledger.reserve(request("team", &l, 4, 1.0)).await.unwrap();
+        r.release().await.unwrap();
+        let usage = client_usage(&ledger, "team", &l).await;
+        assert_eq!((usage.day.used, usage.day.reserved), (0, 0));
+        assert_eq!((usage.today.requests, usage.today.failures), (0, 0));
+        assert!(usage.budget.unwrap().spent.abs() < 1e-9);
+    })
+    .await;
 }

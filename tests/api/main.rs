@@ -19,5 +19,6 @@ mod limits;
 mod quota;
 mod reload;
 mod secrets;
+mod tasks;
 mod upstream_faults;
 mod upstreams;
