@@ -46,6 +46,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     state.metrics.set_cache(&state.cache.stats());
     let runtime = state.runtime();
     state.metrics.set_pools(&runtime.upstreams.status());
+    state.tasks.observe();
     match state
         .ledger
         .report(&runtime.config.client_limits(), None, 1)
