@@ -134,6 +134,9 @@ pub struct Job {
 #[derive(Debug, Clone, Copy)]
 struct Live {
     started: Instant,
+    /// Native mode: progress is what the upstream reports, never an estimate (an estimate
+    /// followed by a lower reported figure would make progress go backwards).
+    native: bool,
     /// Reported by the upstream (native mode).
     reported: Option<u8>,
 }
@@ -189,9 +192,11 @@ impl Tasks {
         self.queue.reserve()
     }
 
-    /// How long a refused submitter should wait: roughly one task's run.
+    /// How long a refused submitter should wait: about until the queue has moved by one
+    /// round of workers (a task's expected run), at least a second, at most five minutes.
     pub fn retry_hint(&self) -> Duration {
-        (*self.expected.lock().unwrap_or_else(PoisonError::into_inner)).max(Duration::from_secs(1))
+        let expected = *self.expected.lock().unwrap_or_else(PoisonError::into_inner);
+        expected.clamp(Duration::from_secs(1), Duration::from_secs(300))
     }
 
     pub async fn find_idempotent(
@@ -320,6 +325,7 @@ impl Tasks {
             &job.record.id,
             Live {
                 started: Instant::now(),
+                native: job.record.mode == crate::config::TaskMode::Native,
                 reported: None,
             },
         );
@@ -460,6 +466,7 @@ impl Tasks {
             &job.record.id,
             Live {
                 started: Instant::now(),
+                native: true,
                 reported: None,
             },
         );
@@ -562,8 +569,10 @@ impl Tasks {
                     .copied();
                 match live {
                     Some(Live {
-                        reported: Some(p), ..
-                    }) => p.clamp(1, 99),
+                        native: true,
+                        reported,
+                        ..
+                    }) => reported.unwrap_or(1).clamp(1, 99),
                     Some(Live { started, .. }) => {
                         let expected =
                             *self.expected.lock().unwrap_or_else(PoisonError::into_inner);
