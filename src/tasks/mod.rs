@@ -373,7 +373,7 @@ impl Tasks {
             body: without_task_fields(&response.body),
             images,
         };
-        self.finished(&job);
+        self.finished(&job, TaskState::Completed);
         if let Err(e) = self
             .store
             .finish(&job.record.id, finish, now, self.expires_at(now))
@@ -417,7 +417,7 @@ impl Tasks {
             r#"{"message":"The task failed.","type":"server_error","param":null,"code":null}"#
                 .to_owned()
         });
-        self.finished(&job);
+        self.finished(&job, TaskState::Failed);
         if let Err(e) = self
             .store
             .finish(
@@ -439,10 +439,16 @@ impl Tasks {
     }
 
     /// Bookkeeping common to both endings: progress estimate and live state.
-    fn finished(&self, job: &Job) {
+    fn finished(&self, job: &Job, state: TaskState) {
         self.metrics
             .task_duration
             .observe(job.queued_at.elapsed().as_secs_f64());
+        self.metrics
+            .tasks_finished
+            .get_or_create(&TaskStateLabels {
+                state: state.as_str(),
+            })
+            .inc();
         if let Some(live) = self.live_remove(&job.record.id)
             && job.record.native.is_none()
         {

@@ -119,6 +119,8 @@ pub struct Metrics {
     /// The eviction count last copied into `cache_evictions` (moka counts; we mirror deltas).
     cache_evictions_seen: Mutex<u64>,
     pub tasks: Family<TaskStateLabels, Gauge>,
+    /// Async tasks that reached `completed` or `failed`.
+    pub tasks_finished: Family<TaskStateLabels, Counter>,
     /// Time tasks wait in the queue before a worker takes them.
     pub task_wait: Histogram,
     /// Time from queueing (submit, or resume after a restart) to completed or failed.
@@ -158,6 +160,7 @@ impl Metrics {
             cache_evictions: Counter::default(),
             cache_evictions_seen: Mutex::new(0),
             tasks: Family::default(),
+            tasks_finished: Family::default(),
             task_wait: latency_histogram(),
             task_duration: latency_histogram(),
             upstream_queue_depth: Family::default(),
@@ -230,6 +233,11 @@ impl Metrics {
             "tasks",
             "Async tasks queued or processing now",
             m.tasks.clone(),
+        );
+        registry.register(
+            "tasks_finished",
+            "Async tasks finished, by final state",
+            m.tasks_finished.clone(),
         );
         registry.register(
             "task_wait_seconds",

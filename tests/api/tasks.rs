@@ -227,6 +227,29 @@ async fn a_refused_submit_creates_no_task_and_spends_nothing() {
     let usage = app.admin_json("/admin/usage?client=team-a").await;
     assert_eq!(usage["clients"][0]["day"]["used"], 2);
     assert_eq!(usage["clients"][0]["day"]["reserved"], 0);
+
+    let metrics = app
+        .http
+        .get(app.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "imagegate_tasks_finished_total{state=\"completed\"} 1",
+        "imagegate_tasks{state=\"queued\"} 0",
+        "imagegate_tasks{state=\"processing\"} 0",
+        "imagegate_task_wait_seconds_count 1",
+        "imagegate_task_duration_seconds_count 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no `{line}` in\n{metrics}"
+        );
+    }
+    assert!(!metrics.contains("state=\"failed\"} 1"), "nothing failed");
 }
 
 #[tokio::test]
