@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
 use crate::app::{Gateway, Runtime};
-use crate::auth::AuthenticatedClient;
+use crate::auth::{AuthenticatedClient, Client};
 use crate::cache::{CacheOutcome, CachePolicy};
 use crate::config::TaskMode;
 use crate::error::ApiError;
@@ -129,6 +129,25 @@ fn admit(
     Ok(admission)
 }
 
+/// The quota `request` claims for `client`: `n` images at the model's price for its quality,
+/// held by `holder` across restarts when it is an async task.
+fn quota_claim<'a>(
+    client: &'a Client,
+    request: &'a ValidRequest,
+    holder: Option<&'a str>,
+) -> ReserveRequest<'a> {
+    ReserveRequest {
+        client: client.id.as_str(),
+        limits: &client.limits,
+        model: request.model.name(),
+        size: &request.size,
+        quality: &request.quality,
+        images: request.n,
+        unit_price: request.model.price(&request.quality),
+        holder,
+    }
+}
+
 fn reserve_error(e: ReserveError) -> ApiError {
     if let ReserveError::Unavailable(cause) = &e {
         tracing::error!(error = %cause, "quota reservation could not be made durable; request refused");
@@ -164,16 +183,7 @@ async fn generate(
             // if the client has gone.
             let _permit = permit;
             let reservation = ledger
-                .reserve(ReserveRequest {
-                    client: client.id.as_str(),
-                    limits: &client.limits,
-                    model: request.model.name(),
-                    size: &request.size,
-                    quality: &request.quality,
-                    images: request.n,
-                    unit_price: request.model.price(&request.quality),
-                    holder: None,
-                })
+                .reserve(quota_claim(&client, &request, None))
                 .await
                 .map_err(reserve_error)?;
             let response = match runtime.upstreams.generate(&request, client.id.as_str()).await {
@@ -299,16 +309,7 @@ async fn submit(
     let id = TaskId::generate();
     let reservation = gateway
         .ledger
-        .reserve(ReserveRequest {
-            client: client.id.as_str(),
-            limits: &client.limits,
-            model: request.model.name(),
-            size: &request.size,
-            quality: &request.quality,
-            images: request.n,
-            unit_price: request.model.price(&request.quality),
-            holder: Some(id.as_str()),
-        })
+        .reserve(quota_claim(client, request, Some(id.as_str())))
         .await
         .map_err(reserve_error)?;
     let policy = CachePolicy::from_request(
