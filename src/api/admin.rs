@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 
 use axum::Json;
 use axum::extract::Query;
+use axum::extract::rejection::QueryRejection;
 use serde::Deserialize;
 
 use crate::app::AppState;
@@ -149,7 +150,18 @@ pub struct UsageQuery {
 
 /// `GET /admin/usage[?client=ID][&days=N]`: per client, usage per window, limits, remaining,
 /// spend, and the last `days` (default 14) days.
-pub async fn usage(State(state): State<AppState>, Query(query): Query<UsageQuery>) -> Response {
+pub async fn usage(
+    State(state): State<AppState>,
+    query: Result<Query<UsageQuery>, QueryRejection>,
+) -> Response {
+    // axum's own rejection is plain text; every error here is OpenAI-shaped.
+    let Ok(Query(query)) = query else {
+        return ApiError::invalid_request(
+            "The query string is invalid: `client` is a client id and `days` a whole number of days.",
+            Some("days"),
+        )
+        .into_response();
+    };
     let runtime = state.runtime();
     let clients = runtime.config.client_limits();
     if let Some(only) = &query.client

@@ -81,6 +81,18 @@ async fn usage_report_covers_every_client_and_can_be_narrowed() {
         .await
         .unwrap();
     assert_eq!(unknown.status(), 404);
+    error_body(unknown).await;
+    for bad in ["days=abc", "days=-1", "days=1.5"] {
+        let response = app
+            .http
+            .get(app.admin_url(&format!("/admin/usage?{bad}")))
+            .bearer_auth(&app.admin_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{bad}");
+        assert_eq!(error_body(response).await["param"], "days", "{bad}");
+    }
 }
 
 #[tokio::test]
