@@ -20,7 +20,8 @@
 # loopback default. This image sets IMAGEGATE__SERVER__LISTEN=0.0.0.0:8080 and
 # IMAGEGATE__SERVER__ADMIN_LISTEN=0.0.0.0:9090, which override the file's [server] listen
 # and admin_listen; pass other values with `-e` to change them. Publish the admin port
-# (health: GET /readyz on 9090) only to your orchestrator, never to the internet.
+# (health: GET /readyz, metrics: GET /metrics, dashboard: /admin/ on 9090) only to your
+# orchestrator and monitoring, never to the internet. deploy/ has compose and Kubernetes files.
 #
 # Check a config without serving:  docker run --rm -v ...:/etc/imagegate/imagegate.toml:ro \
 #   imagegate check-config --config /etc/imagegate/imagegate.toml
@@ -76,7 +77,7 @@ ENV IMAGEGATE__SERVER__LISTEN=0.0.0.0:8080 \
     IMAGEGATE__SERVER__ADMIN_LISTEN=0.0.0.0:9090
 
 USER 10001:10001
-# 8080: the OpenAI-compatible API. 9090: admin (/healthz, /readyz); keep it private.
+# 8080: the OpenAI-compatible API. 9090: admin (/healthz, /readyz, /metrics, /admin); keep it private.
 EXPOSE 8080 9090
 # SIGTERM (docker stop) makes /readyz answer 503 and drains in-flight requests for
 # server.shutdown_grace_secs: give `docker stop -t` at least that long.

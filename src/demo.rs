@@ -84,6 +84,7 @@ imagegate demo: the gateway on http://{public}, in front of a built-in mock upst
 Client key: {DEMO_CLIENT_KEY}
 Admin listener: http://{admin} (/healthz, /readyz, /metrics; /admin/usage and /admin/upstreams
 with 'Authorization: Bearer {DEMO_ADMIN_TOKEN}')
+Dashboard: http://{admin}/admin/ (sign in with the admin token {DEMO_ADMIN_TOKEN})
 
 Try it with curl:
 

@@ -51,17 +51,25 @@ pub fn public(state: AppState) -> Router {
 }
 
 /// The admin listener: health, readiness and metrics for probes and Prometheus (open, like
-/// every such endpoint; keep the listener private), and `/admin` behind the admin token.
+/// every such endpoint; keep the listener private), the `/admin` JSON views behind the admin
+/// token, and the dashboard page (static, no data; it asks for the token itself).
 pub fn admin(state: AppState) -> Router {
     let protected = Router::new()
         .route("/admin/usage", get(admin::usage))
         .route("/admin/upstreams", get(admin::upstreams))
         .route_layer(from_fn_with_state(state.clone(), api::require_admin));
+    // Who looked at the admin views (and who was refused) is logged like any request; probes
+    // and scrapes are not, or they would drown the log every few seconds.
+    let logged = Router::new()
+        .route("/admin/", get(admin::dashboard))
+        .route("/admin", get(admin::dashboard_redirect))
+        .merge(protected)
+        .route_layer(from_fn_with_state(Arc::clone(&state.metrics), log_request));
     Router::new()
         .route("/healthz", get(admin::healthz))
         .route("/readyz", get(admin::readyz))
         .route("/metrics", get(admin::metrics))
-        .merge(protected)
+        .merge(logged)
         .fallback(api::route_not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(

@@ -71,6 +71,9 @@ impl FaultParseError {
 pub(crate) struct Directives {
     pub latency: Option<Duration>,
     pub fault: Option<Fault>,
+    /// Report this as `x-ratelimit-remaining-requests` on a successful answer, as real
+    /// providers do (prompt directive only, not a per-key fault).
+    pub remaining_requests: Option<u64>,
 }
 
 fn parse_number(input: &str, key: &str, value: &str) -> Result<u64, FaultParseError> {
@@ -92,6 +95,7 @@ fn parse_tokens(input: &str) -> Result<Directives, FaultParseError> {
         .unwrap_or(body);
 
     let mut latency = None;
+    let mut remaining_requests = None;
     let mut status = None;
     let mut retry_after = None;
     let mut other: Option<Fault> = None;
@@ -124,6 +128,9 @@ fn parse_tokens(input: &str) -> Result<Directives, FaultParseError> {
                         return Err(FaultParseError::new(input, "`latency_ms` given twice"));
                     }
                     latency = Some(Duration::from_millis(parse_number(input, key, value)?));
+                }
+                "remaining_requests" => {
+                    remaining_requests = Some(parse_number(input, key, value)?);
                 }
                 "status" => {
                     let code = parse_number(input, key, value)?;
@@ -182,10 +189,14 @@ fn parse_tokens(input: &str) -> Result<Directives, FaultParseError> {
         }),
         None => other,
     };
-    if fault.is_none() && latency.is_none() {
+    if fault.is_none() && latency.is_none() && remaining_requests.is_none() {
         return Err(FaultParseError::new(input, "empty directive"));
     }
-    Ok(Directives { latency, fault })
+    Ok(Directives {
+        latency,
+        fault,
+        remaining_requests,
+    })
 }
 
 impl FromStr for Fault {
@@ -199,10 +210,12 @@ impl FromStr for Fault {
             Directives {
                 latency: Some(d),
                 fault: None,
+                remaining_requests: None,
             } => Ok(Fault::Latency(d)),
             Directives {
                 latency: None,
                 fault: Some(f),
+                remaining_requests: None,
             } => Ok(f),
             _ => Err(FaultParseError::new(
                 s,
@@ -258,6 +271,9 @@ pub(crate) fn prompt_directives(prompt: &str) -> Result<(Directives, String), Fa
         }
         if parsed.fault.is_some() {
             out.fault = parsed.fault;
+        }
+        if parsed.remaining_requests.is_some() {
+            out.remaining_requests = parsed.remaining_requests;
         }
         rest = &after[end + 1..];
     }
@@ -402,6 +418,15 @@ mod tests {
 
         assert!(prompt_directives("x [mock:status=500").is_err());
         assert!(prompt_directives("x [mock:nope]").is_err());
+    }
+
+    #[test]
+    fn remaining_requests_is_a_prompt_directive_but_not_a_key_fault() {
+        let (d, cleaned) = prompt_directives("a fox [mock:remaining_requests=42]").unwrap();
+        assert_eq!(d.remaining_requests, Some(42));
+        assert_eq!(d.fault, None);
+        assert_eq!(cleaned, "a fox");
+        assert!("remaining_requests=42".parse::<Fault>().is_err());
     }
 
     #[test]

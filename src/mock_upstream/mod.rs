@@ -34,6 +34,8 @@
 //! * `[mock:hang]`: never answer (until shutdown).
 //! * `[mock:reset]`: drop the connection without any response.
 //! * `[mock:bad_json]`: 200 `application/json` with a truncated body.
+//! * `[mock:remaining_requests=42]`: a successful answer carries
+//!   `x-ratelimit-remaining-requests: 42`, as providers report their limits.
 //!
 //! Tokens may be combined in one directive (`[mock:latency_ms=200
 //! status=503]`); across directives the last latency and the last failure
@@ -331,6 +333,8 @@ struct Reply {
     body: Bytes,
     images: usize,
     retry_after: Option<String>,
+    /// `x-ratelimit-remaining-requests`, when a directive asked for it.
+    remaining_requests: Option<u64>,
 }
 
 enum Outcome {
@@ -350,6 +354,7 @@ impl Reply {
             body: Bytes::from(body),
             images,
             retry_after: None,
+            remaining_requests: None,
         }
     }
 
@@ -372,6 +377,12 @@ impl IntoResponse for Reply {
             .and_then(|v| HeaderValue::from_str(&v).ok())
         {
             headers.insert(RETRY_AFTER, value);
+        }
+        if let Some(remaining) = self.remaining_requests {
+            headers.insert(
+                "x-ratelimit-remaining-requests",
+                HeaderValue::from(remaining),
+            );
         }
         response
     }
@@ -609,7 +620,9 @@ impl Shared {
             created: unix_secs(),
             data: &items,
         };
-        Outcome::Reply(json_reply(StatusCode::OK, &body, items.len()))
+        let mut reply = json_reply(StatusCode::OK, &body, items.len());
+        reply.remaining_requests = directives.remaining_requests;
+        Outcome::Reply(reply)
     }
 
     async fn create_task(

@@ -39,7 +39,7 @@ use crate::app::Gateway;
 use crate::config::TasksConfig;
 use crate::error::ApiError;
 use crate::storage::StorageError;
-use crate::telemetry::metrics::{Metrics, TaskStateLabels};
+use crate::telemetry::metrics::{Metrics, TaskGauges, TaskStateLabels};
 use crate::upstream::{NativeStatus, UpstreamResponse};
 use crate::usage::QuotaReservation;
 use crate::validate::ValidRequest;
@@ -593,24 +593,15 @@ impl Tasks {
         }
     }
 
-    /// Tasks in each state, from the store, and the queue depth, for metrics.
-    pub fn observe(&self) {
-        let metrics = &self.metrics;
-        let processing = self
-            .live
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len();
-        for (state, count) in [
-            (TaskState::Queued, self.queue.len()),
-            (TaskState::Processing, processing),
-        ] {
-            metrics
-                .tasks
-                .get_or_create(&TaskStateLabels {
-                    state: state.as_str(),
-                })
-                .set(i64::try_from(count).unwrap_or(i64::MAX));
+    /// Tasks queued and processing now, for metrics.
+    pub fn gauges(&self) -> TaskGauges {
+        TaskGauges {
+            queued: self.queue.len(),
+            processing: self
+                .live
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len(),
         }
     }
 

@@ -1,12 +1,13 @@
 //! Every Prometheus metric imagegate exports, declared once (SPEC §8), with typed label sets.
 //!
 //! Counters and histograms are updated where things happen (request log middleware, upstream
-//! attempts, the pipeline). Gauges that describe state (quotas, key states, queue depth, cache
-//! size) are filled from their owners at scrape time by [`Metrics::render`], so they are never
-//! stale and no background task is needed.
+//! attempts, the pipeline). Gauges that describe state (quotas, spend, key states, queue depth,
+//! cache size, readiness) are filled from their owners at scrape time by [`Metrics::scrape`], so
+//! they are never stale and no background task is needed.
 //!
 //! Label values are bounded: routes are matched templates (never raw paths), clients are
 //! configured ids (or `-` before authentication), upstreams and keys are configured ids.
+//! Nothing secret is ever a label: keys appear only by their configured id.
 
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
@@ -90,6 +91,12 @@ pub struct QuotaLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SpendLabels {
+    pub client: String,
+    pub window: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheLabels {
     pub outcome: &'static str,
 }
@@ -112,6 +119,7 @@ pub struct Metrics {
     pub rate_limited: Family<RateLimitedLabels, Counter>,
     pub quota_used: Family<QuotaLabels, FloatGauge>,
     pub quota_limit: Family<QuotaLabels, FloatGauge>,
+    pub spend: Family<SpendLabels, FloatGauge>,
     pub cache_requests: Family<CacheLabels, Counter>,
     pub cache_bytes: Gauge,
     pub cache_entries: Gauge,
@@ -128,6 +136,28 @@ pub struct Metrics {
     pub upstream_queue_depth: Family<UpstreamLabels, Gauge>,
     pub upstream_key_state: Family<KeyStateLabels, Gauge>,
     pub upstream_ratelimit_remaining: Family<KeyLabels, Gauge>,
+    pub ready: Gauge,
+    /// Held while the state gauges are refreshed and encoded, so two concurrent scrapes cannot
+    /// interleave one's `clear` with the other's encoding (which would drop label sets).
+    scrape_lock: Mutex<()>,
+}
+
+/// The state the scrape-time gauges are set from, gathered by the admin handler.
+pub struct ScrapeState<'a> {
+    pub cache: &'a CacheStats,
+    pub pools: &'a [PoolStatus],
+    /// `None` when the usage report failed: the quota gauges keep their last values.
+    pub usage: Option<&'a UsageReport>,
+    pub tasks: TaskGauges,
+    /// What `/readyz` would answer.
+    pub ready: bool,
+}
+
+/// Async tasks in flight now.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TaskGauges {
+    pub queued: usize,
+    pub processing: usize,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -154,6 +184,7 @@ impl Metrics {
             rate_limited: Family::default(),
             quota_used: Family::default(),
             quota_limit: Family::default(),
+            spend: Family::default(),
             cache_requests: Family::default(),
             cache_bytes: Gauge::default(),
             cache_entries: Gauge::default(),
@@ -166,6 +197,8 @@ impl Metrics {
             upstream_queue_depth: Family::default(),
             upstream_key_state: Family::default(),
             upstream_ratelimit_remaining: Family::default(),
+            ready: Gauge::default(),
+            scrape_lock: Mutex::new(()),
             registry: Registry::default(),
         };
         // Counters are registered without `_total`: the encoder appends it.
@@ -208,6 +241,11 @@ impl Metrics {
             "quota_limit",
             "Quota limit of the current window",
             m.quota_limit.clone(),
+        );
+        registry.register(
+            "spend",
+            "Spend in price units in the current UTC day and month (settled requests)",
+            m.spend.clone(),
         );
         registry.register(
             "cache_requests",
@@ -263,6 +301,11 @@ impl Metrics {
             "upstream_ratelimit_remaining",
             "Remaining requests the upstream last reported for a key",
             m.upstream_ratelimit_remaining.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 when /readyz answers 200 (a usable upstream key, writable ledger, not draining)",
+            m.ready.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -339,11 +382,21 @@ impl Metrics {
     }
 
     /// Sets the quota gauges from a usage report: used (settled plus in flight) and limit, per
-    /// client and window (`day`, `month`, and `budget` in price units when one is set).
+    /// client and window (`day`, `month`, and `budget` in price units when one is set); and
+    /// each client's spend today and this month.
     pub fn set_quotas(&self, report: &UsageReport) {
         self.quota_used.clear();
         self.quota_limit.clear();
+        self.spend.clear();
         for c in &report.clients {
+            for (window, spend) in [("day", c.today.spend), ("month", c.this_month.spend)] {
+                self.spend
+                    .get_or_create(&SpendLabels {
+                        client: c.client.clone(),
+                        window,
+                    })
+                    .set(spend);
+            }
             let set = |window: &'static str, used: f64, limit: f64| {
                 let labels = QuotaLabels {
                     client: c.client.clone(),
@@ -366,6 +419,29 @@ impl Metrics {
                 set("budget", b.spent + b.reserved, b.limit);
             }
         }
+    }
+
+    /// Refreshes every state gauge from `state` and encodes the registry, as one step.
+    pub fn scrape(&self, state: &ScrapeState<'_>) -> String {
+        let _guard = self
+            .scrape_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.set_cache(state.cache);
+        self.set_pools(state.pools);
+        if let Some(report) = state.usage {
+            self.set_quotas(report);
+        }
+        for (state, count) in [
+            ("queued", state.tasks.queued),
+            ("processing", state.tasks.processing),
+        ] {
+            self.tasks
+                .get_or_create(&TaskStateLabels { state })
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        self.ready.set(i64::from(state.ready));
+        self.encode()
     }
 
     /// The registry in Prometheus/OpenMetrics text.

@@ -18,6 +18,8 @@ pub const MODEL: &str = "gemini-3.1-flash-image";
 pub const UPSTREAM_KEY_VAR: &str = "TEST_UPSTREAM_KEY";
 /// A second server-held key, for tests that configure a second key or upstream.
 pub const UPSTREAM_KEY_2_VAR: &str = "TEST_UPSTREAM_KEY_2";
+/// A third server-held key.
+pub const UPSTREAM_KEY_3_VAR: &str = "TEST_UPSTREAM_KEY_3";
 pub const ADMIN_TOKEN_VAR: &str = "TEST_ADMIN_TOKEN";
 
 /// A running gateway, its mock upstream, and the keys involved.
@@ -29,6 +31,8 @@ pub struct TestApp {
     pub upstream_key: String,
     /// The value of `UPSTREAM_KEY_2_VAR`.
     pub upstream_key_2: String,
+    /// The value of `UPSTREAM_KEY_3_VAR`.
+    pub upstream_key_3: String,
     /// Client `team-a`'s key.
     pub client_key: String,
     /// Client `team-b`'s key (may only use MODEL).
@@ -95,6 +99,7 @@ pub async fn spawn_app_with(options: MockOptions, tweak: impl FnOnce(&mut Config
         .expect("mock upstream starts");
     let upstream_key = format!("sk-upstream-{}", random_hex(16));
     let upstream_key_2 = format!("sk-upstream2-{}", random_hex(16));
+    let upstream_key_3 = format!("sk-upstream3-{}", random_hex(16));
     let client_key = format!("sk-client-{}", random_hex(16));
     let other_client_key = format!("sk-client-{}", random_hex(16));
     let admin_token = format!("sk-admin-{}", random_hex(16));
@@ -103,6 +108,7 @@ pub async fn spawn_app_with(options: MockOptions, tweak: impl FnOnce(&mut Config
     let env = Env::from_pairs([
         (UPSTREAM_KEY_VAR, upstream_key.as_str()),
         (UPSTREAM_KEY_2_VAR, upstream_key_2.as_str()),
+        (UPSTREAM_KEY_3_VAR, upstream_key_3.as_str()),
         (ADMIN_TOKEN_VAR, admin_token.as_str()),
     ]);
     let app = App::build(config, &env).await.expect("app builds");
@@ -118,6 +124,7 @@ pub async fn spawn_app_with(options: MockOptions, tweak: impl FnOnce(&mut Config
         mock,
         upstream_key,
         upstream_key_2,
+        upstream_key_3,
         client_key,
         other_client_key,
         admin_token,

@@ -6,6 +6,7 @@
 )]
 #![allow(clippy::unwrap_used, reason = "a failed unwrap is a failed test")]
 
+mod browser;
 mod helpers;
 mod process;
 
@@ -13,9 +14,13 @@ mod admin;
 mod bad_input;
 mod cache;
 mod cli;
+mod dashboard;
+mod deploy;
 mod generations;
 mod hygiene;
 mod limits;
+mod logs;
+mod metrics;
 mod quota;
 mod reload;
 mod secrets;
