@@ -57,7 +57,8 @@ pub struct Upstream {
     timeout: Duration,
     max_response_bytes: usize,
     max_retries: u32,
-    budget: RetryBudget,
+    /// Shared with the upstream of the same name in the config this one replaced (reload).
+    budget: Arc<RetryBudget>,
 }
 
 /// Every configured upstream, in config order.
@@ -341,7 +342,7 @@ impl Upstreams {
                 timeout: Duration::from_secs(u.timeout_secs),
                 max_response_bytes: u.max_response_bytes,
                 max_retries: u.max_retries,
-                budget: RetryBudget::new(),
+                budget: Arc::new(RetryBudget::new()),
             });
         }
         Ok(Upstreams { list, metrics })
@@ -450,6 +451,20 @@ impl Upstreams {
                 upstream: upstream.name.to_string(),
             })
             .observe(took.as_secs_f64());
+    }
+}
+
+impl Upstreams {
+    /// On a config reload: the upstreams that keep their name take over the live state of the
+    /// ones they replace (key pools matched by key id, and the retry budget), so a reload is
+    /// not a reset of what protects the provider. See [`KeyPool::carry_over_from`].
+    pub fn carry_over_from(&mut self, previous: &Upstreams) {
+        for u in &mut self.list {
+            if let Some(old) = previous.list.iter().find(|o| o.name == u.name) {
+                u.pool.carry_over_from(&old.pool);
+                u.budget = Arc::clone(&old.budget);
+            }
+        }
     }
 }
 
