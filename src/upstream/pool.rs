@@ -48,6 +48,9 @@ const WINDOW: Duration = Duration::from_secs(60);
 const CIRCUIT_THRESHOLD: u32 = 5;
 const CIRCUIT_BASE: Duration = Duration::from_secs(5);
 const CIRCUIT_MAX: Duration = Duration::from_secs(300);
+/// The shortest rest after a 429. `Retry-After: 0` would otherwise leave the key usable at
+/// once, and the request that moves on after a 429 would be sent straight back to it.
+const MIN_COOLDOWN: Duration = Duration::from_secs(1);
 /// Recent counters cover this many one-minute buckets.
 const RECENT_MINUTES: usize = 5;
 
@@ -835,12 +838,12 @@ impl KeyLease {
         });
     }
 
-    /// The upstream answered 429: the key rests for `retry_after`.
+    /// The upstream answered 429: the key rests for `retry_after` (at least [`MIN_COOLDOWN`]).
     pub fn rate_limited(self, retry_after: Duration, headers: &HeaderMap) {
         let limits = UpstreamLimits::from_headers(headers);
         self.settle(|k, now| {
             if !matches!(k.health, Health::Disabled { .. }) {
-                let until = now + retry_after;
+                let until = now + retry_after.max(MIN_COOLDOWN);
                 let later = match k.health {
                     Health::CoolingDown { until: u } => u.max(until),
                     _ => until,
@@ -1182,6 +1185,21 @@ mod tests {
             (0, 0),
             "c is fresh"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_of_zero_still_rests_the_key_for_a_second() {
+        let pool = pool(&[("a", 100, 10)], 10, Duration::from_secs(60));
+        pool.acquire("c")
+            .await
+            .unwrap()
+            .rate_limited(Duration::ZERO, &HeaderMap::new());
+        match pool.acquire("c").await {
+            Err(PoolError::AllCooling { retry_after }) => {
+                assert_eq!(retry_after, MIN_COOLDOWN)
+            }
+            other => panic!("the key went straight back into use: {other:?}"),
+        }
     }
 
     #[tokio::test(start_paused = true)]
