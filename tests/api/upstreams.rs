@@ -9,7 +9,8 @@ use imagegate::mock_upstream::{Fault, MockOptions};
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    MODEL, TestApp, UPSTREAM_KEY_2_VAR, body, error_body, random_hex, spawn_app_with,
+    MODEL, TestApp, UPSTREAM_KEY_2_VAR, UPSTREAM_KEY_VAR, body, error_body, random_hex,
+    spawn_app_with,
 };
 
 fn prompts(prefix: &str, count: usize) -> Vec<Value> {
@@ -174,6 +175,58 @@ async fn during_an_outage_retries_stay_within_max_retries_and_stop_multiplying_l
         "circuits (5 failures per key) stop the outage from multiplying load: {calls}"
     );
     assert!(statuses.iter().all(|s| *s == 502 || *s == 503));
+}
+
+#[tokio::test]
+async fn during_an_outage_the_retry_budget_bounds_retries_where_circuits_and_max_retries_do_not() {
+    const KEYS: usize = 40;
+    const REQUESTS: usize = 40;
+    const MAX_RETRIES: usize = 5;
+    let app = spawn_app_with(MockOptions::default(), |c| {
+        // 40 keys (one secret, so one mock fault fails them all): spread round-robin, no key
+        // reaches the 5 consecutive failures that open its circuit, so circuits bound nothing.
+        c.upstreams[0].keys = (0..KEYS)
+            .map(|i| {
+                let mut k = UpstreamKeyConfig::from_env(&format!("k{i}"), UPSTREAM_KEY_VAR);
+                k.requests_per_minute = 10_000;
+                k.max_concurrent = 1_000;
+                k
+            })
+            .collect();
+        c.upstreams[0].max_retries = MAX_RETRIES as u32;
+    })
+    .await;
+    app.mock.set_key_fault(
+        &app.upstream_key,
+        Some("status=503".parse::<Fault>().unwrap()),
+    );
+    let started = Instant::now();
+    for b in &prompts("budget", REQUESTS) {
+        let response = app.generate(b).await;
+        assert_eq!(response.status(), 502);
+        assert_eq!(error_body(response).await["code"], "upstream_error");
+    }
+    let calls = app.mock.call_count();
+    // The budget: a reserve of 10 retries, plus 0.2 of a retry per request.
+    let budget = 10 + REQUESTS / 5;
+    println!(
+        "retry budget: {REQUESTS} requests in an outage → {calls} upstream calls ({} retries; \
+         max_retries alone would allow {}), {:?}",
+        calls - REQUESTS,
+        REQUESTS * (1 + MAX_RETRIES),
+        started.elapsed()
+    );
+    assert_eq!(
+        calls,
+        REQUESTS + budget,
+        "every request is tried once; retries stop when the budget is spent"
+    );
+    let view = app.admin_json("/admin/upstreams").await;
+    let keys = view["upstreams"][0]["keys"].as_array().unwrap();
+    assert!(
+        keys.iter().all(|k| k["state"] == "healthy"),
+        "no circuit opened: the budget alone did the bounding"
+    );
 }
 
 #[tokio::test]
