@@ -1021,18 +1021,56 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_key_never_exceeds_its_rate_in_any_window() {
-        let pool = pool(&[("k", 3, 100)], 100, Duration::from_secs(600));
+        const LIMIT: usize = 5;
+        const RUN: Duration = Duration::from_secs(300);
+        let pool = Arc::new(pool(
+            &[("k", LIMIT as u32, 3)],
+            1000,
+            Duration::from_secs(3600),
+        ));
         let started = Instant::now();
-        let mut times = Vec::new();
-        for _ in 0..7 {
-            let lease = pool.acquire("c").await.unwrap();
-            times.push(started.elapsed());
-            lease.succeeded(&HeaderMap::new());
+        let sends = Arc::new(Mutex::new(Vec::new()));
+        // 20 workers from 3 clients keep asking for five minutes of (paused) time, holding each
+        // key for a different 0-7 s, so sends fall at irregular times, not on minute marks.
+        let workers: Vec<_> = (0..20u64)
+            .map(|worker| {
+                let pool = Arc::clone(&pool);
+                let sends = Arc::clone(&sends);
+                tokio::spawn(async move {
+                    let client = format!("c{}", worker % 3);
+                    let mut round = 0u64;
+                    while started.elapsed() < RUN {
+                        let lease = pool.acquire(&client).await.unwrap();
+                        sends.lock().unwrap().push(started.elapsed());
+                        let hold = (worker * 1777 + round * 997) % 7000;
+                        tokio::time::sleep(Duration::from_millis(hold)).await;
+                        lease.succeeded(&HeaderMap::new());
+                        round += 1;
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.await.unwrap();
         }
-        // Three at once, three a minute later, one a minute after that.
-        for window in times.windows(4) {
-            assert!(window[3] - window[0] >= WINDOW, "{times:?}");
+        let mut sends = sends.lock().unwrap().clone();
+        sends.sort();
+        // No 60 s window holds more than LIMIT sends ⇔ any LIMIT + 1 consecutive sends span
+        // at least a window.
+        for w in sends.windows(LIMIT + 1) {
+            assert!(w[LIMIT] - w[0] >= WINDOW, "{w:?} in {sends:?}");
         }
+        let busiest = sends
+            .iter()
+            .map(|&t| sends.iter().filter(|&&u| u >= t && u < t + WINDOW).count())
+            .max()
+            .unwrap();
+        assert_eq!(
+            busiest, LIMIT,
+            "the busiest window is full, never over: {sends:?}"
+        );
+        // Demand never stopped, so the key was kept at its limit: five full minutes at least.
+        assert!(sends.len() >= 5 * LIMIT, "{sends:?}");
     }
 
     #[tokio::test(start_paused = true)]
