@@ -98,6 +98,11 @@ impl Gateway {
     /// Settings that need a restart (`[server]`, `[storage]`) are reported and left as they are.
     pub fn reload(&self, config: Config, env: &Env) -> Result<(), ConfigError> {
         let mut runtime = Runtime::build(config, env, &self.metrics)?;
+        // `[cache]` is fixed at start, so the reloaded upstreams' URL lifetimes must also stay
+        // above the TTL actually in force.
+        if let Some(ttl) = self.cache.ttl() {
+            runtime.config.check_cache_ttl(ttl.as_secs())?;
+        }
         let current = self.runtime();
         if toml::to_string(&runtime.config.server).ok() != toml::to_string(&self.server).ok()
             || runtime.config.storage.path != current.config.storage.path
