@@ -229,3 +229,52 @@ async fn a_keys_rate_window_holds_across_a_reload() {
     assert_eq!(error_body(third).await["code"], "upstream_busy");
     assert_eq!(app.mock.call_count(), 2);
 }
+
+#[tokio::test]
+async fn a_changed_client_limit_takes_effect_and_usage_is_kept_across_a_reload() {
+    let app = spawn_app_with(MockOptions::default(), |c| {
+        c.clients[0].images_per_day = Some(5);
+    })
+    .await;
+    for i in 0..2 {
+        assert_eq!(app.generate(&body(&format!("a{i}"))).await.status(), 200);
+    }
+    for i in 0..3 {
+        let response = app
+            .generate_as(&app.other_client_key, &body(&format!("b{i}")))
+            .await;
+        assert_eq!(response.status(), 200, "team-b is not limited yet");
+    }
+
+    app.reload_with(|c| {
+        c.clients[0].images_per_day = Some(3);
+        c.clients[1].requests_per_minute = Some(1);
+    });
+    let usage = app.admin_json("/admin/usage?client=team-a").await;
+    let day = &usage["clients"][0]["day"];
+    assert_eq!(
+        (day["used"].as_u64(), day["limit"].as_u64()),
+        (Some(2), Some(3)),
+        "usage from before the reload is kept; the new quota is in force"
+    );
+    assert_eq!(app.generate(&body("a2")).await.status(), 200);
+    let over = app.generate(&body("a3")).await;
+    assert_eq!(over.status(), 429);
+    assert_eq!(error_body(over).await["code"], "insufficient_quota");
+
+    assert_eq!(
+        app.generate_as(&app.other_client_key, &body("b3"))
+            .await
+            .status(),
+        200
+    );
+    let limited = app.generate_as(&app.other_client_key, &body("b4")).await;
+    assert_eq!(
+        limited.status(),
+        429,
+        "the new requests_per_minute = 1 applies"
+    );
+    assert_eq!(limited.headers()["x-ratelimit-limit-requests"], "1");
+    assert_eq!(error_body(limited).await["code"], "rate_limit_exceeded");
+    assert_eq!(app.mock.call_count(), 2 + 3 + 1 + 1);
+}
