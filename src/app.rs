@@ -101,7 +101,12 @@ impl Gateway {
     /// Replaces the reloadable config. In-flight requests keep the snapshot they started with.
     /// Settings that need a restart (`[server]`, `[storage]`) are reported and left as they are.
     pub fn reload(&self, config: Config, env: &Env) -> Result<(), ConfigError> {
-        let runtime = Runtime::build(config, env, &self.metrics)?;
+        let mut runtime = Runtime::build(config, env, &self.metrics)?;
+        // `[cache]` is fixed at start, so the reloaded upstreams' URL lifetimes must also stay
+        // above the TTL actually in force.
+        if let Some(ttl) = self.cache.ttl() {
+            runtime.config.check_cache_ttl(ttl.as_secs())?;
+        }
         let current = self.runtime();
         if toml::to_string(&runtime.config.server).ok() != toml::to_string(&self.server).ok()
             || runtime.config.storage.path != current.config.storage.path
@@ -119,6 +124,9 @@ impl Gateway {
         // Limits first: a client added by this reload must exist in the limiter before its key
         // can authenticate.
         self.limits.reconfigure(&runtime.clients.limits());
+        // Key pools and retry budgets carry on (cooldowns, rate windows, in-flight counts), and
+        // requests still running on the old snapshot share them with the new one.
+        runtime.upstreams.carry_over_from(&current.upstreams);
         let summary = (
             runtime.clients.len(),
             runtime.config.models.len(),

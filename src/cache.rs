@@ -47,7 +47,9 @@
 //! # Lifetime of entries
 //! `ttl_secs` must stay below the upstream's image-URL lifetime: `response_format = "url"`
 //! answers point at upstream-hosted images that expire (often after about an hour), and a
-//! cached answer whose URLs have expired is a broken answer. The store is bounded by
+//! cached answer whose URLs have expired is a broken answer. Config validation enforces it
+//! against every upstream's `url_lifetime_secs`, and a reload is checked against the TTL in
+//! force ([`ResponseCache::ttl`]), since `[cache]` changes need a restart. The store is bounded by
 //! `max_bytes` of response bodies (plus a fixed per-entry overhead); a single body larger than
 //! `max_bytes / 8` is never stored, so one huge `b64_json` answer cannot flush the cache.
 
@@ -471,6 +473,15 @@ where
     /// Metrics scrapes call it; requests never wait for it.
     pub async fn settle(&self) {
         self.entries.run_pending_tasks().await;
+    }
+
+    /// The entry lifetime in force, or `None` when the cache is off.
+    pub fn ttl(&self) -> Option<Duration> {
+        if self.enabled {
+            self.entries.policy().time_to_live()
+        } else {
+            None
+        }
     }
 
     pub fn stats(&self) -> CacheStats {

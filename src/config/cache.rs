@@ -16,7 +16,8 @@ pub enum CacheScope {
 pub struct CacheConfig {
     pub enabled: bool,
     pub scope: CacheScope,
-    /// Entry lifetime; kept below the upstream's image-URL lifetime so a cached URL still works.
+    /// Entry lifetime; below every upstream's `url_lifetime_secs` (validated), so the image
+    /// URLs in a cached answer still work when it is served.
     pub ttl_secs: u64,
     /// Bound on the stored response bytes.
     pub max_bytes: u64,

@@ -176,6 +176,12 @@ impl Config {
                     "must not carry credentials or a query; keys belong in [[upstreams.keys]]",
                 ));
             }
+            if u.url_lifetime_secs == 0 {
+                return Err(invalid(
+                    format!("{at}.url_lifetime_secs"),
+                    "must be at least 1",
+                ));
+            }
             if u.timeout_secs == 0 || u.connect_timeout_secs == 0 {
                 return Err(invalid(
                     format!("{at}.timeout_secs"),
@@ -219,6 +225,9 @@ impl Config {
                     ));
                 }
             }
+        }
+        if self.cache.enabled {
+            self.check_cache_ttl(self.cache.ttl_secs)?;
         }
         if self.models.is_empty() {
             return Err(invalid(
@@ -352,6 +361,27 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// A cache entry lifetime of `ttl_secs` must be below the image-URL lifetime of every
+    /// upstream: a cached `url` answer points at images the upstream hosts, and serving it
+    /// after they expired would hand out broken links. The gap between the two is how long a
+    /// client has to fetch the image from the oldest cached answer. Refused rather than
+    /// clamped, like every other inconsistent setting: a silently shortened TTL would surprise
+    /// whoever sized the cache.
+    pub fn check_cache_ttl(&self, ttl_secs: u64) -> Result<(), ConfigError> {
+        match self.upstreams.iter().min_by_key(|u| u.url_lifetime_secs) {
+            Some(u) if ttl_secs >= u.url_lifetime_secs => Err(invalid(
+                "cache.ttl_secs",
+                format!(
+                    "({ttl_secs}) must be below the image-URL lifetime of upstream `{}` \
+                     (url_lifetime_secs = {}): a cached url answer must not outlive the \
+                     upstream's URLs",
+                    u.name, u.url_lifetime_secs
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Resolves every secret the config names, failing on the first missing one.
@@ -545,6 +575,49 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("clients[0].key_sha256"), "{err}");
+    }
+
+    #[test]
+    fn a_cache_ttl_not_below_every_upstreams_url_lifetime_is_refused_naming_both() {
+        let c = Config::from_toml(MINIMAL, &Env::default()).unwrap();
+        assert_eq!(c.upstreams[0].url_lifetime_secs, 3600);
+        assert_eq!(c.cache.ttl_secs, 600, "the defaults are consistent");
+
+        let second = r#"
+            [[upstreams]]
+            name = "short-lived"
+            base_url = "http://127.0.0.1:9/v1"
+            url_lifetime_secs = 900
+              [[upstreams.keys]]
+              id = "s1"
+              env = "S1"
+        "#;
+        let ok = format!("{MINIMAL}{second}\n[cache]\nttl_secs = 899\n");
+        assert!(Config::from_toml(&ok, &Env::default()).is_ok());
+        let err = Config::from_toml(&ok.replace("899", "900"), &Env::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cache.ttl_secs") && err.contains("short-lived") && err.contains("900"),
+            "{err}"
+        );
+        // A disabled cache serves nothing, so its TTL does not matter.
+        let off = ok
+            .replace("899", "900")
+            .replace("[cache]", "[cache]\nenabled = false");
+        assert!(Config::from_toml(&off, &Env::default()).is_ok());
+        // The env override path is checked the same way.
+        let env = Env::from_pairs([("IMAGEGATE__CACHE__TTL_SECS", "3600")]);
+        let err = Config::from_toml(MINIMAL, &env).unwrap_err().to_string();
+        assert!(err.contains("cache.ttl_secs"), "{err}");
+        let zero = MINIMAL.replace(
+            "name = \"primary\"",
+            "name = \"primary\"\nurl_lifetime_secs = 0",
+        );
+        let err = Config::from_toml(&zero, &Env::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("upstreams[0].url_lifetime_secs"), "{err}");
     }
 
     #[test]

@@ -37,12 +37,21 @@ pub struct UpstreamConfig {
     /// Longest wait for a key before 503 `upstream_busy`.
     #[serde(default = "default_queue_timeout_secs")]
     pub queue_timeout_secs: u64,
+    /// How long the image URLs in this upstream's `url` answers stay fetchable. The cache's
+    /// `ttl_secs` must stay below it (see `Config::check_cache_ttl`).
+    #[serde(default = "default_url_lifetime_secs")]
+    pub url_lifetime_secs: u64,
     #[serde(default)]
     pub keys: Vec<UpstreamKeyConfig>,
 }
 
 fn default_max_queue() -> usize {
     1000
+}
+/// Signed or temporary image URLs of OpenAI-compatible providers typically live an hour
+/// (OpenAI's own DALL·E URLs do); relays rarely keep them longer.
+fn default_url_lifetime_secs() -> u64 {
+    3600
 }
 fn default_queue_timeout_secs() -> u64 {
     30
@@ -61,6 +70,7 @@ impl UpstreamConfig {
             max_response_bytes: default_max_response_bytes(),
             max_queue: default_max_queue(),
             queue_timeout_secs: default_queue_timeout_secs(),
+            url_lifetime_secs: default_url_lifetime_secs(),
             keys: Vec::new(),
         }
     }

@@ -112,6 +112,10 @@ impl Default for MockOptions {
 pub struct RecordedCall {
     /// The bearer key it carried (empty if none).
     pub key: String,
+    /// The request headers it carried (name lowercase, value lossy UTF-8), in arrival order,
+    /// so tests can check that nothing of the client's reaches the provider. The
+    /// `authorization` value is redacted: the key is in `key`.
+    pub headers: Vec<(String, String)>,
     /// When it arrived.
     pub at: Instant,
     /// When it arrived, as unix milliseconds.
@@ -438,9 +442,20 @@ impl Shared {
         st.polls = 0;
     }
 
-    fn record_arrival(&self, key: &str, request: Value) -> u64 {
+    fn record_arrival(&self, key: &str, headers: &HeaderMap, request: Value) -> u64 {
         let call = RecordedCall {
             key: key.to_owned(),
+            headers: headers
+                .iter()
+                .map(|(name, value)| {
+                    let value = if name == AUTHORIZATION {
+                        "[redacted]".to_owned()
+                    } else {
+                        String::from_utf8_lossy(value.as_bytes()).into_owned()
+                    };
+                    (name.as_str().to_owned(), value)
+                })
+                .collect(),
             at: Instant::now(),
             unix_ms: unix_ms(),
             request,
@@ -945,6 +960,7 @@ async fn generations(
     let request: Option<Value> = serde_json::from_slice(&body).ok();
     let seq = shared.record_arrival(
         key.as_deref().unwrap_or(""),
+        &headers,
         request.clone().unwrap_or(Value::Null),
     );
     let authority = url_authority(&headers, shared.addr);

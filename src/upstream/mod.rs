@@ -63,7 +63,8 @@ pub struct Upstream {
     timeout: Duration,
     max_response_bytes: usize,
     max_retries: u32,
-    budget: RetryBudget,
+    /// Shared with the upstream of the same name in the config this one replaced (reload).
+    budget: Arc<RetryBudget>,
 }
 
 /// Every configured upstream, in config order.
@@ -220,42 +221,52 @@ impl From<UpstreamError> for ApiError {
 }
 
 /// Caps retries at a fraction of recent traffic (Finagle/linkerd style): every request
-/// deposits `RATIO` of a token, every retry withdraws one, and the balance is capped, so a
-/// sustained outage cannot turn N requests into N × (1 + max_retries) upstream calls.
+/// deposits 0.2 of a retry, every retry withdraws one, and the balance starts at a reserve of
+/// 10 and is capped at 100, so a sustained outage cannot turn N requests into
+/// N × (1 + max_retries) upstream calls: at most N × 1.2 + 10.
+///
+/// Counted in thousandths of a retry so the arithmetic is exact (five deposits are exactly one
+/// retry, which a float sum of 0.2s is not guaranteed to be).
 #[derive(Debug)]
 struct RetryBudget {
-    tokens: Mutex<f64>,
+    milli: Mutex<u32>,
 }
 
 impl RetryBudget {
-    const RATIO: f64 = 0.2;
-    const RESERVE: f64 = 10.0;
-    const CAP: f64 = 100.0;
+    /// One retry.
+    const RETRY: u32 = 1000;
+    /// What each request deposits: 0.2 of a retry.
+    const DEPOSIT: u32 = 200;
+    /// The balance at start: 10 retries, so a cold gateway can still retry a blip.
+    const RESERVE: u32 = 10 * Self::RETRY;
+    /// The most that can be saved up: 100 retries.
+    const CAP: u32 = 100 * Self::RETRY;
 
     fn new() -> Self {
         RetryBudget {
-            tokens: Mutex::new(Self::RESERVE),
+            milli: Mutex::new(Self::RESERVE),
         }
     }
 
-    fn deposit(&self) {
-        let mut t = self
-            .tokens
+    fn balance(&self) -> std::sync::MutexGuard<'_, u32> {
+        self.milli
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        *t = (*t + Self::RATIO).min(Self::CAP);
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn deposit(&self) {
+        let mut b = self.balance();
+        *b = (*b + Self::DEPOSIT).min(Self::CAP);
     }
 
     fn withdraw(&self) -> bool {
-        let mut t = self
-            .tokens
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if *t >= 1.0 {
-            *t -= 1.0;
-            true
-        } else {
-            false
+        let mut b = self.balance();
+        match b.checked_sub(Self::RETRY) {
+            Some(left) => {
+                *b = left;
+                true
+            }
+            None => false,
         }
     }
 }
@@ -394,7 +405,7 @@ impl Upstreams {
                 timeout: Duration::from_secs(u.timeout_secs),
                 max_response_bytes: u.max_response_bytes,
                 max_retries: u.max_retries,
-                budget: RetryBudget::new(),
+                budget: Arc::new(RetryBudget::new()),
             });
         }
         Ok(Upstreams { list, metrics })
@@ -564,6 +575,20 @@ impl Upstreams {
                 upstream: upstream.name.to_string(),
             })
             .observe(took.as_secs_f64());
+    }
+}
+
+impl Upstreams {
+    /// On a config reload: the upstreams that keep their name take over the live state of the
+    /// ones they replace (key pools matched by key id, and the retry budget), so a reload is
+    /// not a reset of what protects the provider. See [`KeyPool::carry_over_from`].
+    pub fn carry_over_from(&mut self, previous: &Upstreams) {
+        for u in &mut self.list {
+            if let Some(old) = previous.list.iter().find(|o| o.name == u.name) {
+                u.pool.carry_over_from(&old.pool);
+                u.budget = Arc::clone(&old.budget);
+            }
+        }
     }
 }
 
@@ -859,6 +884,32 @@ mod tests {
             parse_retry_after(b"999999", now),
             Some(Duration::from_secs(3600))
         );
+    }
+
+    #[test]
+    fn the_retry_budget_starts_with_a_reserve_earns_a_fifth_per_request_and_is_capped() {
+        let budget = RetryBudget::new();
+        let drain = |budget: &RetryBudget| (0..1000).take_while(|_| budget.withdraw()).count();
+        assert_eq!(drain(&budget), 10, "the reserve is 10 retries");
+        assert!(!budget.withdraw(), "an empty budget refuses");
+        for _ in 0..4 {
+            budget.deposit();
+        }
+        assert!(
+            !budget.withdraw(),
+            "four requests earn 0.8 of a retry: not enough"
+        );
+        budget.deposit();
+        assert!(budget.withdraw(), "the fifth request completes one retry");
+        assert!(!budget.withdraw());
+        for _ in 0..50 {
+            budget.deposit();
+        }
+        assert_eq!(drain(&budget), 10, "50 requests earn exactly 10 retries");
+        for _ in 0..10_000 {
+            budget.deposit();
+        }
+        assert_eq!(drain(&budget), 100, "savings are capped at 100 retries");
     }
 
     #[test]

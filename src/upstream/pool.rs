@@ -14,6 +14,24 @@
 //! All state sits behind one `std::sync::Mutex`, never held across an `.await`. A small ticker
 //! task per pool wakes the queue when time (not a release) frees capacity: a rate window
 //! sliding, a cooldown or circuit interval ending.
+//!
+//! A config reload must not reset what protects the upstream, so a pool outlives reloads:
+//! [`KeyPool::carry_over_from`] makes the newly built pool of an upstream share the live state
+//! of the one it replaces (the same queue, the same per-key state, matched by key id), and
+//! leases still out on the old snapshot settle into that same state. Per key:
+//! - same secret (limits changed or not): everything is kept (rate window, in flight,
+//!   cooldown, circuit, counters) and the new limits apply from now on, measured against the
+//!   sends already in the window, so no window ever holds more than the new limit;
+//! - a key disabled by a 401/403 is enabled again: "disabled until a config reload" is the
+//!   documented promise, and a reload is how an operator says "try it again" after fixing the
+//!   account at the provider (which need not change the secret). If the provider still refuses
+//!   it, one call finds out and the key is disabled again;
+//! - changed secret: the provider's verdicts (cooldown, circuit, disabled, reported limits)
+//!   were about the old credential and are dropped; the rate window and in-flight count are
+//!   kept, because the configured limits are the operator's statement about this slot and
+//!   forgetting them could only let more through. A lease still out with the old secret frees
+//!   its slot when it ends but its outcome is not held against the new secret;
+//! - a key that is new gets a fresh state; a removed key's leases end without effect.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,6 +48,9 @@ const WINDOW: Duration = Duration::from_secs(60);
 const CIRCUIT_THRESHOLD: u32 = 5;
 const CIRCUIT_BASE: Duration = Duration::from_secs(5);
 const CIRCUIT_MAX: Duration = Duration::from_secs(300);
+/// The shortest rest after a 429. `Retry-After: 0` would otherwise leave the key usable at
+/// once, and the request that moves on after a 429 would be sent straight back to it.
+const MIN_COOLDOWN: Duration = Duration::from_secs(1);
 /// Recent counters cover this many one-minute buckets.
 const RECENT_MINUTES: usize = 5;
 
@@ -96,8 +117,14 @@ enum Health {
 
 /// One key's configuration and live state.
 struct KeyState {
+    /// Identifies this state for the pool's lifetime, across reloads (indexes shift when keys
+    /// are added or removed; leases find their key by slot).
+    slot: u64,
     id: Arc<str>,
     authorization: HeaderValue,
+    /// Bumped when a reload changes the secret, so a lease taken with the old secret does not
+    /// judge the new one.
+    credential: u32,
     requests_per_minute: u32,
     max_concurrent: u32,
     in_flight: u32,
@@ -201,6 +228,25 @@ impl KeyState {
         }
     }
 
+    /// Applies a reloaded configuration of the same key id (see the module docs).
+    fn reconfigure(&mut self, new: KeyState) {
+        self.requests_per_minute = new.requests_per_minute;
+        self.max_concurrent = new.max_concurrent;
+        if self.authorization == new.authorization {
+            if matches!(self.health, Health::Disabled { .. }) {
+                self.health = Health::Healthy;
+            }
+        } else {
+            self.authorization = new.authorization;
+            self.credential = self.credential.wrapping_add(1);
+            self.health = Health::Healthy;
+            self.consecutive_failures = 0;
+            self.circuit_interval = CIRCUIT_BASE;
+            self.probing = false;
+            self.upstream_limits = None;
+        }
+    }
+
     /// Could this key ever serve without an operator (not disabled)?
     fn usable_later(&self) -> bool {
         !matches!(self.health, Health::Disabled { .. })
@@ -232,10 +278,13 @@ impl KeyState {
     /// When this key's capacity next changes with time alone.
     fn next_change(&self, now: Instant) -> Option<Instant> {
         let mut next = self.blocked_until(now);
-        if (self.sent.len() as u64) >= u64::from(self.requests_per_minute)
-            && let Some(oldest) = self.sent.front()
+        let limit = usize::try_from(self.requests_per_minute).unwrap_or(usize::MAX);
+        // The window has room again once all but `limit - 1` sends have left it: usually the
+        // oldest, but more when a reload lowered the limit below what the window holds.
+        if let Some(excess) = self.sent.len().checked_sub(limit)
+            && let Some(at) = self.sent.get(excess)
         {
-            let at = *oldest + WINDOW;
+            let at = *at + WINDOW;
             next = Some(next.map_or(at, |n| n.max(at)));
         }
         next
@@ -271,13 +320,26 @@ impl KeyState {
     }
 }
 
+/// A key handed to a request: everything its lease needs, so that a reload between the grant
+/// and the lease cannot make it point at another key.
+struct Grant {
+    slot: u64,
+    credential: u32,
+    key_id: Arc<str>,
+    authorization: HeaderValue,
+}
+
 struct Waiter {
     id: u64,
-    tx: oneshot::Sender<Result<usize, PoolError>>,
+    tx: oneshot::Sender<Result<Grant, PoolError>>,
 }
 
 struct PoolState {
     keys: Vec<KeyState>,
+    next_slot: u64,
+    /// Requests waiting for a key when every key is busy; more are refused at once.
+    max_queue: usize,
+    queue_timeout: Duration,
     /// Round-robin start among equally loaded keys.
     next_key: usize,
     /// Per-client FIFOs of waiting requests.
@@ -293,6 +355,44 @@ impl PoolState {
         for k in &mut self.keys {
             k.refresh(now);
         }
+    }
+
+    fn grant(&self, i: usize) -> Grant {
+        let k = &self.keys[i];
+        Grant {
+            slot: k.slot,
+            credential: k.credential,
+            key_id: Arc::clone(&k.id),
+            authorization: k.authorization.clone(),
+        }
+    }
+
+    /// Replaces the key set with `fresh` (a reload), keeping the live state of every key id
+    /// that stays (see the module docs). Waiters stay queued and are served by the new set.
+    fn reconfigure(&mut self, fresh: Vec<KeyState>, max_queue: usize, queue_timeout: Duration) {
+        let mut old: HashMap<Arc<str>, KeyState> = self
+            .keys
+            .drain(..)
+            .map(|k| (Arc::clone(&k.id), k))
+            .collect();
+        let mut keys = Vec::with_capacity(fresh.len());
+        for mut new in fresh {
+            match old.remove(&new.id) {
+                Some(mut kept) => {
+                    kept.reconfigure(new);
+                    keys.push(kept);
+                }
+                None => {
+                    new.slot = self.next_slot;
+                    self.next_slot += 1;
+                    keys.push(new);
+                }
+            }
+        }
+        self.keys = keys;
+        self.next_key = 0;
+        self.max_queue = max_queue;
+        self.queue_timeout = queue_timeout;
     }
 
     /// A key that can take a request now: least in flight, ties round-robin.
@@ -381,7 +481,7 @@ impl PoolState {
                 return;
             };
             self.take(key, now);
-            if waiter.tx.send(Ok(key)).is_err() {
+            if waiter.tx.send(Ok(self.grant(key))).is_err() {
                 // The request went away while waiting: the key is free again.
                 self.untake(key);
             }
@@ -432,8 +532,6 @@ struct PoolInner {
     state: Mutex<PoolState>,
     /// Wakes the ticker when the queue or key states change.
     wake: Notify,
-    max_queue: usize,
-    queue_timeout: Duration,
 }
 
 impl PoolInner {
@@ -454,10 +552,11 @@ pub struct PoolKey {
     pub max_concurrent: u32,
 }
 
-/// The key pool of one upstream. Dropping it stops its ticker.
+/// The key pool of one upstream. Dropping the last handle to its state (a reload hands the
+/// state on to the next pool) stops its ticker.
 pub struct KeyPool {
     inner: Arc<PoolInner>,
-    _ticker: DropGuard,
+    _ticker: Arc<DropGuard>,
 }
 
 impl std::fmt::Debug for KeyPool {
@@ -475,11 +574,14 @@ impl KeyPool {
         max_queue: usize,
         queue_timeout: Duration,
     ) -> KeyPool {
-        let keys = keys
+        let keys: Vec<KeyState> = keys
             .into_iter()
-            .map(|k| KeyState {
+            .zip(0..)
+            .map(|(k, slot)| KeyState {
+                slot,
                 id: k.id,
                 authorization: k.authorization,
+                credential: 0,
                 requests_per_minute: k.requests_per_minute.max(1),
                 max_concurrent: k.max_concurrent.max(1),
                 in_flight: 0,
@@ -496,7 +598,10 @@ impl KeyPool {
         let inner = Arc::new(PoolInner {
             upstream,
             state: Mutex::new(PoolState {
+                next_slot: keys.len() as u64,
                 keys,
+                max_queue,
+                queue_timeout,
                 next_key: 0,
                 waiting: HashMap::new(),
                 turn: VecDeque::new(),
@@ -504,22 +609,45 @@ impl KeyPool {
                 next_waiter: 0,
             }),
             wake: Notify::new(),
-            max_queue,
-            queue_timeout,
         });
         let stop = CancellationToken::new();
         tokio::spawn(tick(Arc::clone(&inner), stop.clone()));
         KeyPool {
             inner,
-            _ticker: stop.drop_guard(),
+            _ticker: Arc::new(stop.drop_guard()),
         }
+    }
+
+    /// On a config reload: makes this newly built pool take over `previous`'s live state (its
+    /// queue, and each key's rate window, in-flight count, health and counters, matched by key
+    /// id) with this pool's keys, limits and queue bounds. From then on both handles share one
+    /// state, so requests still running on the old config and new ones are admitted together,
+    /// and the old snapshot's leases settle into it. See the module docs for what a changed
+    /// secret or a disabled key gets.
+    pub fn carry_over_from(&mut self, previous: &KeyPool) {
+        if Arc::ptr_eq(&self.inner, &previous.inner) {
+            return;
+        }
+        let (fresh, max_queue, queue_timeout) = {
+            let mut st = self.inner.lock();
+            (std::mem::take(&mut st.keys), st.max_queue, st.queue_timeout)
+        };
+        {
+            let mut st = previous.inner.lock();
+            st.reconfigure(fresh, max_queue, queue_timeout);
+            st.dispatch(Instant::now());
+        }
+        // This pool's own (empty) state and ticker go; the previous ones carry on.
+        self.inner = Arc::clone(&previous.inner);
+        self._ticker = Arc::clone(&previous._ticker);
+        self.inner.wake.notify_one();
     }
 
     /// A key for one request from `client`: at once if one is free and nobody is waiting,
     /// else after waiting in the fair queue.
     pub async fn acquire(&self, client: &str) -> Result<KeyLease, PoolError> {
         let now = Instant::now();
-        let (id, client, rx) = {
+        let (id, client, rx, queue_timeout) = {
             let mut st = self.inner.lock();
             st.refresh(now);
             if let Some(error) = st.unusable(now) {
@@ -529,9 +657,9 @@ impl KeyPool {
                 && let Some(i) = st.pick(now)
             {
                 st.take(i, now);
-                return Ok(self.lease(&st, i));
+                return Ok(self.lease(st.grant(i)));
             }
-            if st.queued >= self.inner.max_queue {
+            if st.queued >= st.max_queue {
                 return Err(PoolError::QueueFull {
                     retry_after: st.retry_hint(now),
                 });
@@ -548,13 +676,13 @@ impl KeyPool {
             queue.push_back(Waiter { id, tx });
             st.queued += 1;
             st.dispatch(now);
-            (id, client, rx)
+            (id, client, rx, st.queue_timeout)
         };
         self.inner.wake.notify_one();
         let mut rx = rx;
-        let result = match tokio::time::timeout(self.inner.queue_timeout, &mut rx).await {
+        let result = match tokio::time::timeout(queue_timeout, &mut rx).await {
             Ok(Ok(result)) => result,
-            // The pool was dropped (config reload) while waiting: treat as busy.
+            // The pool was dropped while waiting: treat as busy.
             Ok(Err(_)) => Err(PoolError::QueueTimeout {
                 retry_after: Duration::from_secs(1),
             }),
@@ -565,8 +693,8 @@ impl KeyPool {
                     return Err(PoolError::QueueTimeout { retry_after: hint });
                 }
                 drop(st);
-                // Served in the instant the timer fired: the key was taken for this request,
-                // so use it (dropping it here would leave its slot taken for good).
+                // Served in the instant the timer fired (grants are sent under the lock, so it
+                // is in the channel by now): take what was sent rather than leak the key.
                 match rx.try_recv() {
                     Ok(result) => result,
                     Err(_) => Err(PoolError::QueueTimeout {
@@ -575,17 +703,16 @@ impl KeyPool {
                 }
             }
         };
-        let i = result?;
-        let st = self.inner.lock();
-        Ok(self.lease(&st, i))
+        Ok(self.lease(result?))
     }
 
-    fn lease(&self, st: &PoolState, i: usize) -> KeyLease {
+    fn lease(&self, grant: Grant) -> KeyLease {
         KeyLease {
             pool: Arc::clone(&self.inner),
-            index: i,
-            key_id: Arc::clone(&st.keys[i].id),
-            authorization: st.keys[i].authorization.clone(),
+            slot: grant.slot,
+            credential: grant.credential,
+            key_id: grant.key_id,
+            authorization: grant.authorization,
             settled: false,
         }
     }
@@ -685,7 +812,8 @@ async fn tick(inner: Arc<PoolInner>, stop: CancellationToken) {
 /// unsettled releases the key without judging it.
 pub struct KeyLease {
     pool: Arc<PoolInner>,
-    index: usize,
+    slot: u64,
+    credential: u32,
     pub key_id: Arc<str>,
     authorization: HeaderValue,
     settled: bool,
@@ -720,12 +848,12 @@ impl KeyLease {
         });
     }
 
-    /// The upstream answered 429: the key rests for `retry_after`.
+    /// The upstream answered 429: the key rests for `retry_after` (at least [`MIN_COOLDOWN`]).
     pub fn rate_limited(self, retry_after: Duration, headers: &HeaderMap) {
         let limits = UpstreamLimits::from_headers(headers);
         self.settle(|k, now| {
             if !matches!(k.health, Health::Disabled { .. }) {
-                let until = now + retry_after;
+                let until = now + retry_after.max(MIN_COOLDOWN);
                 let later = match k.health {
                     Health::CoolingDown { until: u } => u.max(until),
                     _ => until,
@@ -807,11 +935,17 @@ impl KeyLease {
         let minute = unix_minute(SystemTime::now());
         {
             let mut st = self.pool.lock();
-            if let Some(k) = st.keys.get_mut(self.index) {
+            // Gone if a reload removed the key: nothing left to free or judge.
+            if let Some(k) = st.keys.iter_mut().find(|k| k.slot == self.slot) {
                 k.in_flight = k.in_flight.saturating_sub(1);
                 k.probing = false;
-                let count = update(k, now);
-                k.record(minute, count);
+                // An outcome with a secret a reload has since replaced says nothing about the
+                // new one (a rotation often revokes the old key: its 401 must not disable the
+                // new secret).
+                if k.credential == self.credential {
+                    let count = update(k, now);
+                    k.record(minute, count);
+                }
             }
             st.dispatch(now);
         }
@@ -874,19 +1008,245 @@ mod tests {
         )
     }
 
+    /// Keys with their own secrets: (id, secret, requests_per_minute, max_concurrent).
+    fn keyed_pool(keys: &[(&str, &str, u32, u32)], timeout: Duration) -> KeyPool {
+        KeyPool::new(
+            Arc::from("up"),
+            keys.iter()
+                .map(|(id, secret, rpm, conc)| PoolKey {
+                    id: Arc::from(*id),
+                    authorization: HeaderValue::from_str(&format!("Bearer {secret}")).unwrap(),
+                    requests_per_minute: *rpm,
+                    max_concurrent: *conc,
+                })
+                .collect(),
+            100,
+            timeout,
+        )
+    }
+
+    fn key_status(pool: &KeyPool, id: &str) -> KeyStatus {
+        pool.status().keys.into_iter().find(|k| k.id == id).unwrap()
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_key_never_exceeds_its_rate_in_any_window() {
-        let pool = pool(&[("k", 3, 100)], 100, Duration::from_secs(600));
+        const LIMIT: usize = 5;
+        const RUN: Duration = Duration::from_secs(300);
+        let pool = Arc::new(pool(
+            &[("k", LIMIT as u32, 3)],
+            1000,
+            Duration::from_secs(3600),
+        ));
         let started = Instant::now();
-        let mut times = Vec::new();
-        for _ in 0..7 {
-            let lease = pool.acquire("c").await.unwrap();
-            times.push(started.elapsed());
-            lease.succeeded(&HeaderMap::new());
+        let sends = Arc::new(Mutex::new(Vec::new()));
+        // 20 workers from 3 clients keep asking for five minutes of (paused) time, holding each
+        // key for a different 0-7 s, so sends fall at irregular times, not on minute marks.
+        let workers: Vec<_> = (0..20u64)
+            .map(|worker| {
+                let pool = Arc::clone(&pool);
+                let sends = Arc::clone(&sends);
+                tokio::spawn(async move {
+                    let client = format!("c{}", worker % 3);
+                    let mut round = 0u64;
+                    while started.elapsed() < RUN {
+                        let lease = pool.acquire(&client).await.unwrap();
+                        sends.lock().unwrap().push(started.elapsed());
+                        let hold = (worker * 1777 + round * 997) % 7000;
+                        tokio::time::sleep(Duration::from_millis(hold)).await;
+                        lease.succeeded(&HeaderMap::new());
+                        round += 1;
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.await.unwrap();
         }
-        // Three at once, three a minute later, one a minute after that.
-        for window in times.windows(4) {
-            assert!(window[3] - window[0] >= WINDOW, "{times:?}");
+        let mut sends = sends.lock().unwrap().clone();
+        sends.sort();
+        // No 60 s window holds more than LIMIT sends ⇔ any LIMIT + 1 consecutive sends span
+        // at least a window.
+        for w in sends.windows(LIMIT + 1) {
+            assert!(w[LIMIT] - w[0] >= WINDOW, "{w:?} in {sends:?}");
+        }
+        let busiest = sends
+            .iter()
+            .map(|&t| sends.iter().filter(|&&u| u >= t && u < t + WINDOW).count())
+            .max()
+            .unwrap();
+        assert_eq!(
+            busiest, LIMIT,
+            "the busiest window is full, never over: {sends:?}"
+        );
+        // Demand never stopped, so the key was kept at its limit: five full minutes at least.
+        assert!(sends.len() >= 5 * LIMIT, "{sends:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_keeps_a_cooling_key_cooling() {
+        let old = keyed_pool(&[("a", "s1", 100, 10)], Duration::from_secs(1));
+        old.acquire("c")
+            .await
+            .unwrap()
+            .rate_limited(Duration::from_secs(30), &HeaderMap::new());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let fresh = keyed_pool(&[("a", "s1", 100, 10)], Duration::from_secs(1));
+        assert!(
+            fresh.acquire("c").await.is_ok(),
+            "a fresh pool would call it"
+        );
+        let mut new = keyed_pool(&[("a", "s1", 100, 10)], Duration::from_secs(1));
+        new.carry_over_from(&old);
+        drop(old);
+        match new.acquire("c").await {
+            Err(PoolError::AllCooling { retry_after }) => {
+                assert_eq!(retry_after, Duration::from_secs(20))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(key_status(&new, "a").state, KeyHealth::CoolingDown);
+        assert_eq!(
+            key_status(&new, "a").totals.rate_limited,
+            1,
+            "counters kept"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leases_of_the_old_pool_count_against_the_new_one_and_settle_into_it() {
+        let old = keyed_pool(&[("a", "s1", 100, 1)], Duration::from_secs(60));
+        let held = old.acquire("c").await.unwrap();
+        let mut new = keyed_pool(&[("a", "s1", 100, 1)], Duration::from_secs(60));
+        new.carry_over_from(&old);
+        drop(old);
+        let new = Arc::new(new);
+        assert_eq!(key_status(&new, "a").in_flight, 1);
+        let waiter = {
+            let new = Arc::clone(&new);
+            tokio::spawn(async move { new.acquire("c").await.map(|l| l.key_id.clone()) })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            new.status().queue_depth,
+            1,
+            "max_concurrent 1 holds across the reload"
+        );
+        held.failed(true);
+        assert_eq!(waiter.await.unwrap().unwrap().as_ref(), "a");
+        let a = key_status(&new, "a");
+        assert_eq!((a.totals.server_error, a.consecutive_failures), (1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn new_limits_apply_against_the_sends_already_in_the_window() {
+        let old = keyed_pool(&[("a", "s1", 5, 10)], Duration::from_secs(600));
+        for _ in 0..3 {
+            old.acquire("c").await.unwrap().succeeded(&HeaderMap::new());
+        }
+        let started = Instant::now();
+        tokio::time::advance(Duration::from_secs(20)).await;
+        let mut new = keyed_pool(&[("a", "s1", 2, 10)], Duration::from_secs(600));
+        new.carry_over_from(&old);
+        // The old handle goes with the old config; its ticker must carry on for the new one.
+        drop(old);
+        assert_eq!(key_status(&new, "a").requests_per_minute, 2);
+        assert_eq!(key_status(&new, "a").sent_last_minute, 3);
+        let lease = new.acquire("c").await.unwrap();
+        let waited = started.elapsed();
+        assert!(
+            waited >= WINDOW && waited < WINDOW + Duration::from_millis(10),
+            "room under the new limit of 2 only once the 3 earlier sends left the window: {waited:?}"
+        );
+        drop(lease);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_enables_a_key_the_provider_refused() {
+        let old = keyed_pool(&[("a", "s1", 100, 10)], Duration::from_secs(1));
+        old.acquire("c").await.unwrap().refused(401);
+        assert!(matches!(
+            old.acquire("c").await,
+            Err(PoolError::AllDisabled)
+        ));
+        let mut new = keyed_pool(&[("a", "s1", 100, 10)], Duration::from_secs(1));
+        new.carry_over_from(&old);
+        let a = key_status(&new, "a");
+        assert_eq!((a.state, a.totals.refused), (KeyHealth::Healthy, 1));
+        assert!(
+            new.acquire("c").await.is_ok(),
+            "disabled until a reload, not longer"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_secret_drops_the_providers_verdicts_but_keeps_admission() {
+        let old = keyed_pool(&[("a", "s-old", 100, 10)], Duration::from_secs(1));
+        let with_old_secret = old.acquire("c").await.unwrap();
+        old.acquire("c")
+            .await
+            .unwrap()
+            .rate_limited(Duration::from_secs(300), &HeaderMap::new());
+        let mut new = keyed_pool(&[("a", "s-new", 100, 10)], Duration::from_secs(1));
+        new.carry_over_from(&old);
+        let a = key_status(&new, "a");
+        assert_eq!(
+            a.state,
+            KeyHealth::Healthy,
+            "the cooldown was the old secret's"
+        );
+        assert_eq!(
+            (a.in_flight, a.sent_last_minute),
+            (1, 2),
+            "admission is kept"
+        );
+        // A rotation usually revokes the old secret: the call still out with it gets a 401,
+        // which frees its slot but must not disable the new secret.
+        with_old_secret.refused(401);
+        let a = key_status(&new, "a");
+        assert_eq!((a.state, a.in_flight), (KeyHealth::Healthy, 0));
+        let lease = new.acquire("c").await.unwrap();
+        assert_eq!(lease.authorization(), "Bearer s-new");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_removed_keys_lease_ends_without_effect_and_an_added_key_starts_fresh() {
+        let old = keyed_pool(
+            &[("a", "s1", 100, 10), ("b", "s2", 100, 10)],
+            Duration::from_secs(1),
+        );
+        old.acquire("c").await.unwrap().succeeded(&HeaderMap::new());
+        let on_b = old.acquire("c").await.unwrap();
+        assert_eq!(&*on_b.key_id, "b");
+        let mut new = keyed_pool(
+            &[("a", "s1", 100, 10), ("c", "s3", 100, 10)],
+            Duration::from_secs(1),
+        );
+        new.carry_over_from(&old);
+        on_b.failed(true);
+        let ids: Vec<_> = new.status().keys.into_iter().map(|k| k.id).collect();
+        assert_eq!(ids, ["a", "c"]);
+        assert_eq!(key_status(&new, "a").totals.success, 1, "a is kept");
+        let c = key_status(&new, "c");
+        assert_eq!(
+            (c.totals.server_error, c.sent_last_minute),
+            (0, 0),
+            "c is fresh"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_of_zero_still_rests_the_key_for_a_second() {
+        let pool = pool(&[("a", 100, 10)], 10, Duration::from_secs(60));
+        pool.acquire("c")
+            .await
+            .unwrap()
+            .rate_limited(Duration::ZERO, &HeaderMap::new());
+        match pool.acquire("c").await {
+            Err(PoolError::AllCooling { retry_after }) => {
+                assert_eq!(retry_after, MIN_COOLDOWN)
+            }
+            other => panic!("the key went straight back into use: {other:?}"),
         }
     }
 

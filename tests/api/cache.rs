@@ -7,7 +7,8 @@ use imagegate::config::CacheScope;
 use imagegate::mock_upstream::{Fault, MockOptions};
 use serde_json::{Value, json};
 
-use crate::helpers::{MODEL, TestApp, spawn_app, spawn_app_with};
+use crate::helpers::{MODEL, TestApp, spawn_app, spawn_app_with, wait_until};
+use imagegate::upstream::pool::KeyHealth;
 
 fn slow() -> MockOptions {
     MockOptions {
@@ -155,7 +156,11 @@ async fn a_429_from_the_upstream_is_not_cached_either() {
     let (status, _, _) = send(&app, &app.client_key, &body, None).await;
     assert_eq!(status, 503);
     app.mock.set_key_fault(&app.upstream_key, None);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The key rests for the 429's Retry-After (1 s); the next request needs it back.
+    wait_until("the key's cooldown ends", Duration::from_secs(5), || {
+        app.state.runtime().upstreams.status()[0].keys[0].state == KeyHealth::Healthy
+    })
+    .await;
     let (status, outcome, _) = send(&app, &app.client_key, &body, None).await;
     assert_eq!((status, outcome.as_str()), (200, "miss"));
     assert_eq!(app.mock.call_count(), 2);
@@ -229,26 +234,37 @@ async fn filling_the_cache_with_b64_responses_stays_within_max_bytes() {
 async fn a_client_that_disconnects_mid_call_does_not_cancel_it_and_the_next_request_hits() {
     let app = spawn_app_with(slow(), |_| {}).await;
     let body = json!({"model": MODEL, "prompt": "impatient"});
-    let request = app
-        .http
-        .post(app.url("/v1/images/generations"))
-        .bearer_auth(&app.client_key)
-        .json(&body)
-        .send();
-    // Give up after the call reached the upstream but long before it answers.
-    let gave_up = tokio::time::timeout(Duration::from_millis(300), request).await;
-    assert!(gave_up.is_err(), "the client left before the answer");
-    assert_eq!(app.mock.call_count(), 1);
+    let request = tokio::spawn(
+        app.http
+            .post(app.url("/v1/images/generations"))
+            .bearer_auth(&app.client_key)
+            .json(&body)
+            .send(),
+    );
+    // Give up once the call has reached the upstream, long before it answers (1 s).
+    wait_until(
+        "the call reaches the upstream",
+        Duration::from_secs(10),
+        || app.mock.call_count() == 1,
+    )
+    .await;
+    request.abort();
+    assert!(
+        request.await.unwrap_err().is_cancelled(),
+        "the client left before the answer"
+    );
+    assert_eq!(
+        app.mock.calls()[0].status,
+        0,
+        "the upstream had not answered yet"
+    );
 
-    // Wait (bounded) until the upstream has answered the orphaned call.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while app.mock.calls().first().is_none_or(|c| c.status == 0) {
-        assert!(
-            Instant::now() < deadline,
-            "the upstream call never finished"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "the upstream answers the orphaned call",
+        Duration::from_secs(5),
+        || app.mock.calls().first().is_some_and(|c| c.status != 0),
+    )
+    .await;
     let (status, outcome, _) = send(&app, &app.client_key, &body, None).await;
     // Either the stored answer, or (if the store lags the answer by a moment) joined in flight.
     assert_eq!(status, 200);

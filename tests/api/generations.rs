@@ -116,12 +116,58 @@ async fn forwarded_request_has_normalised_fields_mapped_model_and_no_async_or_cl
         .post(app.url("/v1/images/generations"))
         .bearer_auth(&app.other_client_key)
         .header("x-custom-secret", "do-not-forward")
+        .header("user-agent", "client-app/9")
+        .header("accept", "text/plain")
+        .header("x-request-id", "client-req-1")
+        .header("openai-organization", "org-client")
+        .header("cookie", "session=client")
+        .header("x-forwarded-for", "10.9.8.7")
         .json(&json!({"model": MODEL, "prompt": "p", "style": "vivid", "async": false, "user": "u-1", "quality": null}))
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
     let call = app.mock.calls().pop().unwrap();
+    // Only the gateway's own headers reach the provider: its key, its JSON content type and
+    // accept, its user agent, and what HTTP itself needs. None of the client's.
+    let mut names: Vec<&str> = call.headers.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "accept",
+            "authorization",
+            "content-length",
+            "content-type",
+            "host",
+            "user-agent"
+        ],
+        "{:?}",
+        call.headers
+    );
+    let value = |name: &str| {
+        call.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .unwrap()
+    };
+    assert_eq!(value("content-type"), "application/json");
+    assert_eq!(
+        value("accept"),
+        "application/json",
+        "the client's accept was not passed"
+    );
+    assert!(value("user-agent").starts_with("imagegate/"));
+    assert_eq!(
+        call.key, app.upstream_key,
+        "the server-held key, not the client's"
+    );
+    assert!(
+        call.headers.iter().all(|(_, v)| !v.contains("client")),
+        "no client header value leaked: {:?}",
+        call.headers
+    );
     assert_eq!(
         call.request,
         json!({"model": MODEL, "prompt": "p", "size": "1024x1024", "quality": "standard", "n": 1,

@@ -40,6 +40,9 @@ pub struct TestApp {
     pub admin_token: String,
     pub http: reqwest::Client,
     pub state: AppState,
+    /// The config the gateway started with, and its env: what [`TestApp::reload_with`] edits.
+    pub config: Config,
+    pub env: Env,
     shutdown: CancellationToken,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -111,7 +114,7 @@ pub async fn spawn_app_with(options: MockOptions, tweak: impl FnOnce(&mut Config
         (UPSTREAM_KEY_3_VAR, upstream_key_3.as_str()),
         (ADMIN_TOKEN_VAR, admin_token.as_str()),
     ]);
-    let app = App::build(config, &env).await.expect("app builds");
+    let app = App::build(config.clone(), &env).await.expect("app builds");
     let addr = app.public_addr();
     let admin_addr = app.admin_addr();
     let state = app.state().clone();
@@ -130,6 +133,8 @@ pub async fn spawn_app_with(options: MockOptions, tweak: impl FnOnce(&mut Config
         admin_token,
         http: http_client(),
         state,
+        config,
+        env,
         shutdown,
         handle: Some(handle),
     }
@@ -188,6 +193,16 @@ impl TestApp {
             .expect("request is sent")
     }
 
+    /// Reloads the gateway in-process with the start config changed by `tweak`: what
+    /// `SIGHUP` does after re-reading the file.
+    pub fn reload_with(&self, tweak: impl FnOnce(&mut Config)) {
+        let mut config = self.config.clone();
+        tweak(&mut config);
+        self.state
+            .reload(config, &self.env)
+            .expect("the reloaded config is valid");
+    }
+
     pub fn begin_shutdown(&self) {
         self.shutdown.cancel();
     }
@@ -203,6 +218,19 @@ impl TestApp {
 impl Drop for TestApp {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+/// Polls `condition` every 10 ms until it holds, for state that changes with no event to
+/// wait on (the mock's counters, the gateway's queue); fails the test after `within`.
+pub async fn wait_until(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -71,6 +71,72 @@ async fn requests_per_minute_holds_exactly_under_concurrency_and_retry_after_is_
     assert_eq!(retried.status(), 200, "retrying after Retry-After succeeds");
 }
 
+/// `retry-after-ms` and `Retry-After` of a 429, checked to agree (seconds rounded up).
+fn advertised_wait(response: &reqwest::Response) -> Duration {
+    assert_eq!(response.status(), 429);
+    let header =
+        |name: &str| -> u64 { response.headers()[name].to_str().unwrap().parse().unwrap() };
+    let (secs, ms) = (header("retry-after"), header("retry-after-ms"));
+    assert_eq!(
+        secs,
+        ms.div_ceil(1000),
+        "Retry-After is retry-after-ms rounded up"
+    );
+    Duration::from_millis(ms)
+}
+
+#[tokio::test]
+async fn retry_after_is_not_inflated_a_retry_a_second_early_is_still_refused() {
+    // 60 images a minute: one image conforms every second, so a request of n = 4 after the
+    // burst waits at most 4 s, and exactly until its fourth image's second has come.
+    let app = spawn_app_with(MockOptions::default(), |c| {
+        c.clients[0].images_per_minute = Some(60);
+    })
+    .await;
+    let n4 = |i: usize| json!({"model": MODEL, "prompt": format!("burst {i}"), "n": 4});
+    let bodies: Vec<_> = (0..15).map(n4).collect();
+    let burst = join_all(bodies.iter().map(|b| app.generate(b))).await;
+    assert!(
+        burst.iter().all(|r| r.status() == 200),
+        "15 × 4 = the burst of 60"
+    );
+
+    let refused = app.generate(&n4(15)).await;
+    let wait = advertised_wait(&refused);
+    assert!(
+        wait <= Duration::from_secs(4),
+        "never more than four emission intervals: {wait:?}"
+    );
+    assert!(
+        wait > Duration::from_millis(1500),
+        "the burst took too long for this test to say anything: {wait:?}"
+    );
+
+    // One second before the advertised time the request still does not conform, and the new
+    // advertised wait is the old one less the time slept (an inflated value fails both).
+    let early = wait - Duration::from_secs(1);
+    tokio::time::sleep(early).await;
+    let still = app.generate(&n4(15)).await;
+    let rest = advertised_wait(&still);
+    let expected = wait - early;
+    assert!(
+        rest <= expected && expected - rest < Duration::from_millis(250),
+        "advertised {wait:?}, slept {early:?}, now advertised {rest:?}"
+    );
+
+    tokio::time::sleep(rest).await;
+    assert_eq!(
+        app.generate(&n4(15)).await.status(),
+        200,
+        "on time, it passes"
+    );
+    assert_eq!(
+        app.mock.call_count(),
+        16,
+        "refused requests never reached the upstream"
+    );
+}
+
 #[tokio::test]
 async fn images_per_minute_counts_n_and_a_request_above_the_burst_is_a_400() {
     let app = spawn_app_with(MockOptions::default(), |c| {

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::helpers::{
     MODEL, TestApp, UPSTREAM_KEY_VAR, base_config, error_body, http_client, random_hex,
-    spawn_app_with,
+    spawn_app_with, wait_until,
 };
 use crate::process::{BIN, ConfigFile, GatewayProcess};
 
@@ -149,6 +149,76 @@ async fn cache_hits_spend_no_quota_but_count_as_cached() {
     assert_eq!(usage["clients"][0]["day"]["used"].as_u64(), Some(1));
 }
 
+/// A client that disconnects while its upstream call runs: the call finishes and its images
+/// are charged (not refunded, not lost), through the cache's path or around it.
+async fn a_call_whose_client_left_is_still_charged(cache: bool) {
+    let app = spawn_app_with(slow(), |c| {
+        c.clients[0].cache = Some(cache);
+        c.clients[0].images_per_day = Some(10);
+    })
+    .await;
+    let request = tokio::spawn(
+        app.http
+            .post(app.url("/v1/images/generations"))
+            .bearer_auth(&app.client_key)
+            .json(&json!({"model": MODEL, "prompt": "left early", "n": 2}))
+            .send(),
+    );
+    wait_until(
+        "the call reaches the upstream",
+        Duration::from_secs(10),
+        || app.mock.call_count() == 1,
+    )
+    .await;
+    request.abort();
+    assert!(request.await.unwrap_err().is_cancelled(), "the client left");
+    assert_eq!(
+        app.mock.calls()[0].status,
+        0,
+        "it left before the upstream answered"
+    );
+    wait_until(
+        "the upstream answers the orphaned call",
+        Duration::from_secs(5),
+        || app.mock.images_produced() == 2,
+    )
+    .await;
+    // The commit follows the answer in the request's task; the report shows it once written.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let usage = loop {
+        let usage = app.admin_json("/admin/usage?client=team-a").await;
+        if usage["clients"][0]["day"]["reserved"] == 0 {
+            break usage;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reservation was never settled: {usage}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let client = &usage["clients"][0];
+    assert_eq!(
+        (
+            client["day"]["used"].as_u64(),
+            client["today"]["images"].as_u64()
+        ),
+        (Some(2), Some(2)),
+        "the 2 images the upstream made are charged: {usage}"
+    );
+    assert_eq!(client["today"]["failures"].as_u64(), Some(0));
+    assert_eq!(app.mock.call_count(), 1);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_call_is_charged_for_what_the_upstream_made_without_the_cache() {
+    a_call_whose_client_left_is_still_charged(false).await;
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_call_is_charged_for_what_the_upstream_made_with_the_cache() {
+    a_call_whose_client_left_is_still_charged(true).await;
+}
+
 /// A gateway on a real SQLite file, cache off, a daily quota of 30 for team-a.
 fn durable_config(base_url: &str, client_key: &str, db: &std::path::Path) -> String {
     let mut config = base_config(base_url, client_key, "unused");
@@ -228,14 +298,23 @@ async fn usage_survives_kill_9_and_is_never_below_what_clients_received() {
         String::from_utf8_lossy(&out.stderr)
     );
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let used_at_crash = report["clients"][0]["day"]["used"].as_u64().unwrap()
-        + report["clients"][0]["day"]["reserved"].as_u64().unwrap();
-    assert!(
-        used_at_crash >= received,
-        "usage {used_at_crash} < received {received}"
+    let day = &report["clients"][0]["day"];
+    let (used, reserved) = (
+        day["used"].as_u64().unwrap(),
+        day["reserved"].as_u64().unwrap(),
+    );
+    let called = mock.call_count() as u64;
+    assert!(used >= received, "usage {used} < received {received}");
+    assert_eq!(
+        used + reserved,
+        called,
+        "every call the upstream got is on disk, charged or reserved: the {} in flight were \
+         reserved durably before they were sent",
+        called - received
     );
 
-    // Restart on the same file: pending reservations are charged, and the quota still holds.
+    // Restart on the same file: pending reservations are charged in full (the upstream may
+    // have made and billed those images), and the quota still holds.
     let gateway = GatewayProcess::start(&config.path, &env);
     let mut passed = 0;
     for i in 0..10 {
@@ -248,14 +327,11 @@ async fn usage_survives_kill_9_and_is_never_below_what_clients_received() {
             other => panic!("status {other}"),
         }
     }
-    let after = 30 - used_at_crash.min(30);
     assert_eq!(
-        passed, after,
-        "exactly the remaining quota passes after restart"
-    );
-    assert!(
-        received + passed <= 30,
-        "never more than the quota across the crash"
+        passed,
+        30 - called,
+        "the {called} images of every call made before the crash are charged; exactly the rest of \
+         the quota passes"
     );
     let (clean, _, _) = gateway.stop();
     assert!(clean);

@@ -9,7 +9,8 @@ use imagegate::mock_upstream::{Fault, MockOptions};
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    MODEL, TestApp, UPSTREAM_KEY_2_VAR, body, error_body, random_hex, spawn_app_with,
+    MODEL, TestApp, UPSTREAM_KEY_2_VAR, UPSTREAM_KEY_VAR, body, error_body, random_hex,
+    spawn_app_with, wait_until,
 };
 
 fn prompts(prefix: &str, count: usize) -> Vec<Value> {
@@ -177,6 +178,58 @@ async fn during_an_outage_retries_stay_within_max_retries_and_stop_multiplying_l
 }
 
 #[tokio::test]
+async fn during_an_outage_the_retry_budget_bounds_retries_where_circuits_and_max_retries_do_not() {
+    const KEYS: usize = 40;
+    const REQUESTS: usize = 40;
+    const MAX_RETRIES: usize = 5;
+    let app = spawn_app_with(MockOptions::default(), |c| {
+        // 40 keys (one secret, so one mock fault fails them all): spread round-robin, no key
+        // reaches the 5 consecutive failures that open its circuit, so circuits bound nothing.
+        c.upstreams[0].keys = (0..KEYS)
+            .map(|i| {
+                let mut k = UpstreamKeyConfig::from_env(&format!("k{i}"), UPSTREAM_KEY_VAR);
+                k.requests_per_minute = 10_000;
+                k.max_concurrent = 1_000;
+                k
+            })
+            .collect();
+        c.upstreams[0].max_retries = MAX_RETRIES as u32;
+    })
+    .await;
+    app.mock.set_key_fault(
+        &app.upstream_key,
+        Some("status=503".parse::<Fault>().unwrap()),
+    );
+    let started = Instant::now();
+    for b in &prompts("budget", REQUESTS) {
+        let response = app.generate(b).await;
+        assert_eq!(response.status(), 502);
+        assert_eq!(error_body(response).await["code"], "upstream_error");
+    }
+    let calls = app.mock.call_count();
+    // The budget: a reserve of 10 retries, plus 0.2 of a retry per request.
+    let budget = 10 + REQUESTS / 5;
+    println!(
+        "retry budget: {REQUESTS} requests in an outage → {calls} upstream calls ({} retries; \
+         max_retries alone would allow {}), {:?}",
+        calls - REQUESTS,
+        REQUESTS * (1 + MAX_RETRIES),
+        started.elapsed()
+    );
+    assert_eq!(
+        calls,
+        REQUESTS + budget,
+        "every request is tried once; retries stop when the budget is spent"
+    );
+    let view = app.admin_json("/admin/upstreams").await;
+    let keys = view["upstreams"][0]["keys"].as_array().unwrap();
+    assert!(
+        keys.iter().all(|k| k["state"] == "healthy"),
+        "no circuit opened: the budget alone did the bounding"
+    );
+}
+
+#[tokio::test]
 async fn a_key_never_receives_more_than_its_requests_per_minute_even_under_200_concurrent_requests()
 {
     let app = spawn_app_with(MockOptions::default(), |c| {
@@ -221,8 +274,12 @@ async fn a_flooding_client_cannot_starve_another_on_a_saturated_key() {
         join_all(flood_bodies.iter().map(|b| app.generate(b)))
     };
     let other = async {
-        // Let the flood fill the queue first.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Start once the flood has filled the queue (98 at most wait behind 2 slots).
+        wait_until("the flood fills the queue", Duration::from_secs(20), || {
+            app.state.runtime().upstreams.status()[0].queue_depth >= 80
+        })
+        .await;
+        let backlog = app.state.runtime().upstreams.status()[0].queue_depth;
         let mut waits = Vec::new();
         for b in &prompts("patient", 10) {
             let started = Instant::now();
@@ -230,13 +287,15 @@ async fn a_flooding_client_cannot_starve_another_on_a_saturated_key() {
             assert_eq!(response.status(), 200);
             waits.push(started.elapsed());
         }
-        waits
+        (backlog, waits)
     };
-    let (flooded, waits) = tokio::join!(flood, other);
+    let (flooded, (backlog, waits)) = tokio::join!(flood, other);
     assert!(flooded.iter().all(|r| r.status() == 200));
     let worst = waits.iter().max().unwrap();
+    let mean = waits.iter().sum::<Duration>() / waits.len() as u32;
     println!(
-        "fairness: client B's 10 sequential requests behind A's 100-request backlog (~5 s): waits {waits:?}, worst {worst:?}"
+        "fairness: client B's 10 sequential requests behind A's backlog of {backlog} queued (~{:.1} s deep on a 2-slot key, 100 ms upstream): waits {waits:?}, mean {mean:?}, worst {worst:?}",
+        backlog as f64 * 0.05
     );
     // A's backlog is ~5 s deep; B is served within a turn or two of the 100 ms upstream.
     assert!(*worst < Duration::from_millis(800), "B waited {worst:?}");
@@ -259,11 +318,17 @@ async fn a_full_queue_answers_503_with_retry_after_at_once() {
     let started = Instant::now();
     let timed: Vec<_> = join_all(bodies.iter().map(|b| async {
         let response = app.generate(b).await;
-        (
-            response.status().as_u16(),
-            started.elapsed(),
-            response.headers().get("retry-after").is_some(),
-        )
+        let status = response.status().as_u16();
+        let elapsed = started.elapsed();
+        let retry_after = response.headers().get("retry-after").is_some();
+        let code = if status == 200 {
+            None
+        } else {
+            error_body(response).await["code"]
+                .as_str()
+                .map(str::to_owned)
+        };
+        (status, elapsed, retry_after, code)
     }))
     .await;
     let ok = timed.iter().filter(|t| t.0 == 200).count();
@@ -279,6 +344,12 @@ async fn a_full_queue_answers_503_with_retry_after_at_once() {
     assert!(
         refused.iter().all(|t| t.2),
         "every refusal carries Retry-After"
+    );
+    assert!(
+        refused
+            .iter()
+            .all(|t| t.3.as_deref() == Some("upstream_busy")),
+        "{refused:?}"
     );
 }
 
