@@ -508,6 +508,11 @@ impl Upstreams {
             Expect::Task => forwarded_task_body(request),
         });
         let mut retries = 0;
+        // A 429 or a refused key moves the request on without counting as a retry; bound
+        // those moves too, so keys whose cooldowns expire as fast as the request cycles through
+        // them cannot keep it going until its deadline.
+        let mut moves = 0;
+        let max_moves: usize = order.iter().map(|u| u.pool.key_count()).sum();
         let mut last: Option<UpstreamError> = None;
         let mut at = 0;
         while let Some(upstream) = order.get(at) {
@@ -527,7 +532,13 @@ impl Upstreams {
             self.record(upstream, &key_id, &attempt, started.elapsed());
             match attempt {
                 Attempt::Done(response) => return Ok(response),
-                Attempt::MoveOn(e) => last = Some(e),
+                Attempt::MoveOn(e) => {
+                    moves += 1;
+                    if moves >= max_moves.max(1) * 2 {
+                        return Err(e);
+                    }
+                    last = Some(e);
+                }
                 Attempt::Fail(e) => return Err(e),
                 Attempt::Retry(e) => {
                     tracing::debug!(upstream = %upstream.name, error = %e, retries, "upstream attempt failed");

@@ -727,6 +727,11 @@ impl KeyPool {
             .map(|k| k.authorization.clone())
     }
 
+    /// How many keys the pool has, whatever their state.
+    pub fn key_count(&self) -> usize {
+        self.inner.lock().keys.len()
+    }
+
     /// Whether any key could serve (for readiness).
     pub fn has_usable_key(&self) -> bool {
         let st = self.inner.lock();

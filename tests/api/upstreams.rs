@@ -380,3 +380,26 @@ async fn with_every_key_disabled_the_answer_is_immediate() {
     let ready = app.http.get(app.admin_url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 503, "not ready without a usable key");
 }
+
+#[tokio::test]
+async fn keys_that_keep_answering_429_cannot_make_a_request_cycle_until_its_deadline() {
+    // Each 429 takes longer than the cooldown it asks for, so by the time one key has answered
+    // the other is usable again: without a bound on moves the request would go round and
+    // round until the request timeout.
+    let app = spawn_app_with(MockOptions::default(), two_keys).await;
+    let started = Instant::now();
+    let response = app
+        .generate(&body(
+            "[mock:latency_ms=1100 status=429 retry_after=1] always limited",
+        ))
+        .await;
+    let took = started.elapsed();
+    assert_eq!(response.status(), 503);
+    assert_eq!(error_body(response).await["code"], "upstream_busy");
+    let calls = app.mock.call_count();
+    assert!(
+        (2..=4).contains(&calls),
+        "moves are bounded by twice the keys: {calls} calls in {took:?}"
+    );
+    assert!(took < Duration::from_secs(8), "gave up in {took:?}");
+}
