@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The load benchmark of BENCHMARKS.md, in one command:
 #
-#   bench/run.sh            # full run (about 10 minutes), publishes bench/results.md
+#   bench/run.sh            # full run (about 14 minutes); publishes bench/results.md and BENCHMARKS.md's table
 #   bench/run.sh --quick    # 5x shorter loads, to check the setup (not published)
 #
 # Builds imagegate (release), then bench/loadbench.py starts two mock upstreams, and for each
