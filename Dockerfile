@@ -36,9 +36,10 @@ WORKDIR /src
 # change. Stub targets stand in for the crate's lib and bin (add a stub here for any target
 # Cargo.toml declares explicitly, e.g. a [[bench]] or a build.rs).
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src \
+RUN mkdir src benches \
     && echo '// dependency-caching stub' > src/lib.rs \
     && echo 'fn main() {}' > src/main.rs \
+    && echo 'fn main() {}' > benches/hot_path.rs \
     && cargo build --release --locked \
     && rm -rf src
 

@@ -656,10 +656,12 @@ impl Upstream {
 
         let status = sent.status();
         let headers = sent.headers().clone();
+        // Copied, not cloned: a received `HeaderValue` shares the connection's whole read
+        // buffer, which a cached response would otherwise keep alive (8 KiB and up per entry).
         let upstream_request_id = headers
             .get("x-request-id")
             .filter(|v| crate::telemetry::is_valid_request_id(v.as_bytes()))
-            .cloned();
+            .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok());
         let body = match http::read_capped(sent, self.max_response_bytes).await {
             Ok(body) => body,
             Err(e @ (UpstreamError::Transport(_) | UpstreamError::Connect(_)))
