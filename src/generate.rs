@@ -197,11 +197,9 @@ async fn generate(
                 }
             };
             let produced = u32::try_from(response.images).unwrap_or(u32::MAX);
-            if let Err(e) = reservation.commit(produced).await {
-                // The client still gets its images: the reservation stays on disk and is
-                // charged in full on the next start, so usage is never under-counted.
-                tracing::error!(error = %e, "usage commit not recorded; charged on restart");
-            }
+            // Settled now, durable a moment later: the answer does not wait for the fsync
+            // (the reservation on disk already covers these images if the process dies).
+            reservation.commit_unwaited(produced);
             metrics.count_images(client.id.as_str(), &request, produced);
             Ok(response)
         }
@@ -212,16 +210,13 @@ async fn generate(
     count_cache_outcome(gateway, outcome);
     let response = result?;
     if matches!(outcome, CacheOutcome::Hit | CacheOutcome::Coalesced) {
-        gateway
-            .ledger
-            .record_cached(
-                client.id.as_str(),
-                request.model.name(),
-                &request.size,
-                &request.quality,
-                u32::try_from(response.images).unwrap_or(u32::MAX),
-            )
-            .await;
+        gateway.ledger.record_cached(
+            client.id.as_str(),
+            request.model.name(),
+            &request.size,
+            &request.quality,
+            u32::try_from(response.images).unwrap_or(u32::MAX),
+        );
     }
     trace.facts.upstream = Some(Arc::clone(&response.upstream));
     trace.facts.upstream_key = Some(Arc::clone(&response.key_id));

@@ -390,16 +390,13 @@ impl Tasks {
         let client = job.record.client.as_str();
         let settled = if from_cache {
             let released = reservation.release().await;
-            gateway
-                .ledger
-                .record_cached(
-                    client,
-                    request.model.name(),
-                    &request.size,
-                    &request.quality,
-                    images,
-                )
-                .await;
+            gateway.ledger.record_cached(
+                client,
+                request.model.name(),
+                &request.size,
+                &request.quality,
+                images,
+            );
             released
         } else {
             gateway.metrics.count_images(client, request, images);

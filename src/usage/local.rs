@@ -305,11 +305,11 @@ impl LedgerStore for LocalStore {
         .boxed()
     }
 
-    fn commit<'a>(
-        &'a self,
-        reservation: &'a Reservation,
+    fn commit(
+        &self,
+        reservation: &Reservation,
         images_produced: u32,
-    ) -> BoxFuture<'a, Result<(), LedgerError>> {
+    ) -> BoxFuture<'static, Result<(), LedgerError>> {
         let tally = Tally {
             requests: 1,
             images: u64::from(images_produced),
@@ -319,10 +319,7 @@ impl LedgerStore for LocalStore {
         self.settle(reservation, images_produced, tally)
     }
 
-    fn refund<'a>(
-        &'a self,
-        reservation: &'a Reservation,
-    ) -> BoxFuture<'a, Result<(), LedgerError>> {
+    fn refund(&self, reservation: &Reservation) -> BoxFuture<'static, Result<(), LedgerError>> {
         let tally = Tally {
             failures: 1,
             ..Tally::default()
@@ -330,10 +327,7 @@ impl LedgerStore for LocalStore {
         self.settle(reservation, 0, tally)
     }
 
-    fn release<'a>(
-        &'a self,
-        reservation: &'a Reservation,
-    ) -> BoxFuture<'a, Result<(), LedgerError>> {
+    fn release(&self, reservation: &Reservation) -> BoxFuture<'static, Result<(), LedgerError>> {
         self.quotas().settle(
             &reservation.key.client,
             reservation.day,
@@ -368,12 +362,12 @@ impl LedgerStore for LocalStore {
             .remove(holder)
     }
 
-    fn record_cached<'a>(
-        &'a self,
-        key: &'a UsageKey,
+    fn record_cached(
+        &self,
+        key: &UsageKey,
         day: UtcDay,
         images: u32,
-    ) -> BoxFuture<'a, Result<(), LedgerError>> {
+    ) -> BoxFuture<'static, Result<(), LedgerError>> {
         let tally = Tally {
             cached: u64::from(images),
             ..Tally::default()

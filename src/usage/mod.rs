@@ -28,6 +28,8 @@ use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
+use tokio_util::task::TaskTracker;
+
 use crate::config::{ClientLimits, StorageBackend, StorageConfig};
 use crate::storage::{Database, StorageError};
 
@@ -198,6 +200,9 @@ pub enum LedgerError {
 pub struct Ledger {
     store: Arc<dyn LedgerStore>,
     clock: Arc<dyn Clock>,
+    /// Waits for writes nobody else waits for (see [`QuotaReservation::commit_unwaited`]), so
+    /// their failures are logged and [`close`](Ledger::close) lets them finish.
+    background: TaskTracker,
 }
 
 impl fmt::Debug for Ledger {
@@ -240,7 +245,11 @@ impl Ledger {
 
     /// A ledger over any store (the shared Redis backend plugs in here).
     pub fn with_store(store: Arc<dyn LedgerStore>, clock: Arc<dyn Clock>) -> Ledger {
-        Ledger { store, clock }
+        Ledger {
+            store,
+            clock,
+            background: TaskTracker::new(),
+        }
     }
 
     /// Checks every window and holds `request.images` images and their cost. Durable before
@@ -275,21 +284,19 @@ impl Ledger {
             })
     }
 
-    /// Records a cache hit: counted as `cached` images, spends no quota. Best effort: a
-    /// failure is logged, not returned, because the client already has its answer.
-    pub async fn record_cached(
-        &self,
-        client: &str,
-        model: &str,
-        size: &str,
-        quality: &str,
-        images: u32,
-    ) {
+    /// Records a cache hit: counted as `cached` images, spends no quota. The write is queued
+    /// before this returns and nobody waits for it: the client already has its answer, and a
+    /// failure is logged.
+    pub fn record_cached(&self, client: &str, model: &str, size: &str, quality: &str, images: u32) {
         let key = UsageKey::new(client, model, size, quality);
         let day = UtcDay::containing(self.clock.now());
-        if let Err(e) = self.store.record_cached(&key, day, images).await {
-            tracing::warn!(error = %e, client, "could not record cached usage");
-        }
+        let written = self.store.record_cached(&key, day, images);
+        let client = client.to_owned();
+        self.background.spawn(async move {
+            if let Err(e) = written.await {
+                tracing::warn!(error = %e, client, "could not record cached usage");
+            }
+        });
     }
 
     /// Usage of `clients` (only `only`, when given; an unknown name gives an empty list),
@@ -314,6 +321,8 @@ impl Ledger {
     /// Finishes pending writes and stops the writer (graceful shutdown). Reservations still
     /// open are left pending and settled as charged on the next start.
     pub async fn close(&self) {
+        self.background.close();
+        self.background.wait().await;
         self.store.close().await;
     }
 }
@@ -378,6 +387,27 @@ impl QuotaReservation {
             .store
             .commit(&reservation, images_produced)
             .await
+    }
+
+    /// [`commit`](QuotaReservation::commit) without waiting for the write to be durable: the
+    /// quota counters are settled and the write is queued before this returns, so the
+    /// request's answer need not wait for an fsync. Safe because the reservation itself is
+    /// already durable: if the process dies before this write lands, the next start charges
+    /// the whole reservation, so usage is never below what the client received.
+    pub fn commit_unwaited(mut self, images_produced: u32) {
+        let Some(reservation) = self.reservation.take() else {
+            return;
+        };
+        let written = self.ledger.store.commit(&reservation, images_produced);
+        self.ledger.background.spawn(async move {
+            if let Err(e) = written.await {
+                tracing::error!(
+                    error = %e,
+                    client = %reservation.key.client,
+                    "usage commit not recorded; charged in full on restart"
+                );
+            }
+        });
     }
 
     /// Nothing was produced: releases everything held and counts a failure.

@@ -60,6 +60,10 @@ impl Reservation {
 }
 
 /// A ledger backend. Object-safe: the ledger holds an `Arc<dyn LedgerStore>`.
+///
+/// Settling methods (`commit`, `refund`, `release`, `record_cached`) apply their effect on the
+/// quota counters and queue their durable write before they return; the returned future only
+/// reports when that write is durable, so a caller may answer its client first.
 pub trait LedgerStore: Send + Sync + 'static {
     /// Checks the client's windows and holds `request.images` images and their cost,
     /// atomically with the check; `Ok` only once the hold is durable.
@@ -70,21 +74,17 @@ pub trait LedgerStore: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Reservation, ReserveError>>;
 
     /// Settles a hold as `images_produced` images, one request.
-    fn commit<'a>(
-        &'a self,
-        reservation: &'a Reservation,
+    fn commit(
+        &self,
+        reservation: &Reservation,
         images_produced: u32,
-    ) -> BoxFuture<'a, Result<(), LedgerError>>;
+    ) -> BoxFuture<'static, Result<(), LedgerError>>;
 
     /// Releases a hold entirely and counts one failure.
-    fn refund<'a>(&'a self, reservation: &'a Reservation)
-    -> BoxFuture<'a, Result<(), LedgerError>>;
+    fn refund(&self, reservation: &Reservation) -> BoxFuture<'static, Result<(), LedgerError>>;
 
     /// Releases a hold entirely and counts nothing.
-    fn release<'a>(
-        &'a self,
-        reservation: &'a Reservation,
-    ) -> BoxFuture<'a, Result<(), LedgerError>>;
+    fn release(&self, reservation: &Reservation) -> BoxFuture<'static, Result<(), LedgerError>>;
 
     /// Holders of the reservations a previous run left pending with a holder.
     fn held(&self) -> Vec<String>;
@@ -93,12 +93,12 @@ pub trait LedgerStore: Send + Sync + 'static {
     fn take_held(&self, holder: &str) -> Option<Reservation>;
 
     /// Counts images served from the cache on `day`; no quota is involved.
-    fn record_cached<'a>(
-        &'a self,
-        key: &'a UsageKey,
+    fn record_cached(
+        &self,
+        key: &UsageKey,
         day: UtcDay,
         images: u32,
-    ) -> BoxFuture<'a, Result<(), LedgerError>>;
+    ) -> BoxFuture<'static, Result<(), LedgerError>>;
 
     /// Usage of exactly `clients`, with `days` days of daily history up to `now`'s day.
     fn report<'a>(

@@ -225,9 +225,10 @@ async fn commit_charges_what_was_produced_and_refund_counts_a_failure() {
 async fn cached_images_are_counted_but_spend_no_quota() {
     on_both_backends(midday, |ledger, _| async move {
         let l = limits(1, 1, None);
-        ledger
-            .record_cached("team", MODEL, "1024x1024", "hd", 3)
-            .await;
+        ledger.record_cached("team", MODEL, "1024x1024", "hd", 3);
+        // Nobody waits for that write; the writer applies writes in order, so once a later
+        // one is durable, so is it.
+        ledger.check_writable().await.unwrap();
         let usage = client_usage(&ledger, "team", &l).await;
         assert_eq!((usage.today.cached, usage.day.used), (3, 0));
         let r = ledger.reserve(request("team", &l, 1, 0.0)).await.unwrap();
@@ -608,4 +609,28 @@ async fn a_released_reservation_counts_nothing() {
         assert!(usage.budget.unwrap().spent.abs() < 1e-9);
     })
     .await;
+}
+
+#[tokio::test]
+async fn an_unwaited_commit_settles_at_once_and_is_durable_by_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("imagegate.db");
+    let l = limits(10, 100, Some(10.0));
+    let ledger = Ledger::open(&sqlite_config(&path), midday()).await.unwrap();
+    let r = ledger.reserve(request("team", &l, 4, 1.0)).await.unwrap();
+    r.commit_unwaited(3);
+    let usage = client_usage(&ledger, "team", &l).await;
+    assert_eq!(
+        (usage.day.used, usage.day.reserved),
+        (3, 0),
+        "the quota is settled before the write is durable"
+    );
+    ledger.close().await;
+    drop(ledger);
+
+    let ledger = Ledger::open(&sqlite_config(&path), midday()).await.unwrap();
+    let usage = client_usage(&ledger, "team", &l).await;
+    assert_eq!((usage.day.used, usage.today.requests), (3, 1));
+    assert!((usage.budget.unwrap().spent - 3.0).abs() < 1e-9);
+    ledger.close().await;
 }
