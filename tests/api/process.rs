@@ -191,3 +191,23 @@ impl ConfigFile {
         std::fs::write(&self.path, text).unwrap();
     }
 }
+
+/// `imagegate usage --json --config <config>` with exactly `envs`: the usage report read from
+/// the database file (while no gateway runs, or beside one).
+pub fn usage_report(config: &Path, envs: &[(&str, &str)]) -> serde_json::Value {
+    let mut command = Command::new(BIN);
+    command
+        .args(["usage", "--json", "--config"])
+        .arg(config)
+        .env_clear();
+    for (k, v) in envs {
+        command.env(k, v);
+    }
+    let out = command.output().expect("usage command runs");
+    assert!(
+        out.status.success(),
+        "imagegate usage failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("usage --json prints JSON")
+}

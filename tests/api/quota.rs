@@ -13,7 +13,7 @@ use crate::helpers::{
     MODEL, TestApp, UPSTREAM_KEY_VAR, base_config, error_body, http_client, random_hex,
     spawn_app_with, wait_until,
 };
-use crate::process::{BIN, ConfigFile, GatewayProcess};
+use crate::process::{BIN, ConfigFile, GatewayProcess, usage_report};
 
 fn slow() -> MockOptions {
     MockOptions {
@@ -285,19 +285,7 @@ async fn usage_survives_kill_9_and_is_never_below_what_clients_received() {
     }
 
     // The usage command reads the file while nothing runs.
-    let out = std::process::Command::new(BIN)
-        .args(["usage", "--json", "--config"])
-        .arg(&config.path)
-        .env_clear()
-        .env(UPSTREAM_KEY_VAR, "sk-upstream")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = usage_report(&config.path, &env);
     let day = &report["clients"][0]["day"];
     let (used, reserved) = (
         day["used"].as_u64().unwrap(),

@@ -12,7 +12,7 @@ use crate::helpers::{
     MODEL, TestApp, UPSTREAM_KEY_VAR, base_config, body, error_body, http_client, random_hex,
     spawn_app, spawn_app_with,
 };
-use crate::process::{ConfigFile, GatewayProcess};
+use crate::process::{ConfigFile, GatewayProcess, usage_report};
 
 fn async_body(prompt: &str) -> Value {
     let mut b = body(prompt);
@@ -548,14 +548,7 @@ async fn tasks_survive_kill_9_and_each_resolves_after_restart() {
         "{logs}"
     );
     // Each task is charged once, whatever the upstream was asked across the crash.
-    let report = std::process::Command::new(crate::process::BIN)
-        .args(["usage", "--json", "--config"])
-        .arg(&config.path)
-        .env_clear()
-        .env(UPSTREAM_KEY_VAR, "sk-upstream")
-        .output()
-        .unwrap();
-    let report: Value = serde_json::from_slice(&report.stdout).unwrap();
+    let report = usage_report(&config.path, &env);
     let day = &report["clients"][0]["day"];
     assert_eq!(
         (day["used"].as_u64(), day["reserved"].as_u64()),
