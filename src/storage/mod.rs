@@ -1,4 +1,4 @@
-//! Durable storage backends, shared by the usage ledger and (later) the task store.
+//! Durable storage backends, shared by the usage ledger and the task store.
 //!
 //! [`sqlite`] is the embedded default: one file, one writer thread with group commit, a
 //! read-only connection for reports, and the ordered schema migrations of the whole file. The

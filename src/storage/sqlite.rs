@@ -259,7 +259,8 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StorageError> {
 /// Read-only access for reports, on the blocking pool so async threads never wait on disk.
 #[derive(Clone)]
 pub struct Reader {
-    // One connection is plenty: reports are rare. The mutex only serialises them.
+    // One connection, serialised by the mutex: reads are reports and task polls, each one
+    // indexed lookup or a small range, so they queue briefly rather than contend.
     conn: Arc<Mutex<Connection>>,
 }
 
