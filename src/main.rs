@@ -214,7 +214,16 @@ async fn serve(path: &std::path::Path) -> ExitCode {
         Ok(config) => config,
         Err(e) => return config_error(&e),
     };
-    if let Err(e) = telemetry::init_logging(&config.log, std::io::stdout, stdout_is_terminal()) {
+    // Lines are written by a thread of their own, batched (telemetry::writer); the guard
+    // lives until `serve` returns, so every line of the shutdown is written.
+    let (stdout, _log_guard) = match telemetry::writer::BatchedStdout::start() {
+        Ok(started) => started,
+        Err(e) => {
+            eprintln!("error: cannot start the log writer: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = telemetry::init_logging(&config.log, stdout, stdout_is_terminal()) {
         eprintln!("error: {e:#}");
         return ExitCode::from(2);
     }

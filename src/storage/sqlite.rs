@@ -5,8 +5,13 @@
 //! connection (rusqlite is blocking, and one writer is what SQLite wants anyway), drains every
 //! job already queued, runs them in ONE transaction with a savepoint each, and answers each
 //! caller only after COMMIT returned. So a caller told "ok" is on disk (`synchronous=FULL`),
-//! and under load many callers share one fsync. Reads go through [`Reader`] on the blocking
-//! pool; WAL lets them run while the writer writes.
+//! and under load many callers share one fsync. Writes nobody waits for (settling a quota
+//! reservation that is already durable, cached-hit counts) can be queued lazily instead
+//! ([`Writer::submit_lazy`]): they wake no thread, ride along in the next transaction, and a
+//! transaction made only of them commits without an fsync of its own (`synchronous=NORMAL`,
+//! so a process crash keeps them; a power cut can lose the last ones, never a reservation).
+//! Reads go through [`Reader`] on the blocking pool; WAL lets them run while the writer
+//! writes.
 //!
 //! This module owns the schema (one ordered list of migrations for the whole file) but not the
 //! meaning of the rows: domain modules pass their own SQL in closures. It must not be called
@@ -17,6 +22,7 @@ use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -109,6 +115,11 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Most jobs in one group transaction: bounds the latency a job can add to the others.
 const MAX_BATCH: usize = 512;
+
+/// The longest a lazy write waits for a transaction to ride along in before the writer runs
+/// one for it. Bounds how stale another process's view of the file can be (`imagegate
+/// usage`); readers in this process flush first (see [`Writer::flush`]).
+const LAZY_FLUSH: Duration = Duration::from_millis(200);
 
 /// An open database file: its writer and its reader.
 #[derive(Clone)]
@@ -218,7 +229,8 @@ fn configure_write_connection(conn: &Connection) -> Result<(), String> {
         ));
     }
     // FULL: in WAL mode, NORMAL could lose the last commits on power loss, and a caller told
-    // that its reservation is durable must be able to rely on it.
+    // that its reservation is durable must be able to rely on it. (The writer switches to
+    // NORMAL only for transactions made of lazy writes alone; see `run_writer`.)
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(|e| e.to_string())?;
     conn.pragma_update(None, "foreign_keys", "ON")
@@ -410,15 +422,19 @@ enum Command {
 #[derive(Clone)]
 pub struct Writer {
     commands: mpsc::Sender<Command>,
+    /// Writes queued by [`Writer::submit_lazy`]: taken into the writer's next transaction.
+    lazy: Arc<Mutex<Vec<Box<dyn Job>>>>,
 }
 
 impl Writer {
     fn spawn(conn: Connection) -> std::io::Result<Writer> {
         let (commands, queue) = mpsc::channel();
+        let lazy = Arc::new(Mutex::new(Vec::new()));
+        let thread_lazy = Arc::clone(&lazy);
         std::thread::Builder::new()
             .name("imagegate-db-writer".to_owned())
-            .spawn(move || run_writer(conn, queue))?;
-        Ok(Writer { commands })
+            .spawn(move || run_writer(conn, queue, &thread_lazy))?;
+        Ok(Writer { commands, lazy })
     }
 
     /// Queues `work` to run in the writer's next transaction and returns at once; the
@@ -462,6 +478,32 @@ impl Writer {
         }))
     }
 
+    /// Queues `work` lazily: nobody waits for it and no thread is woken. It runs in the
+    /// writer's next transaction, whatever wakes the writer (a [`submit`](Writer::submit), a
+    /// [`flush`](Writer::flush)), or at most [`LAZY_FLUSH`] later, without an fsync of its own
+    /// when nothing durable rides with it. Only for writes whose loss in a power cut is
+    /// covered by something already durable, like the settlement of a durable reservation
+    /// (the next start charges the reservation in full). A failure is logged with `what`.
+    pub fn submit_lazy<F>(&self, what: &'static str, work: F)
+    where
+        F: FnOnce(&Transaction<'_>) -> Result<(), StorageError> + Send + 'static,
+    {
+        self.lazy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Box::new(ClosureJob {
+                work: Some(work),
+                outcome: None,
+                reply: Reply::Log(what),
+            }));
+    }
+
+    /// Returns once every write queued before this call, lazy ones included, is committed
+    /// durably: for readers that must see them.
+    pub async fn flush(&self) -> Result<(), StorageError> {
+        self.execute(|_tx| Ok(())).await
+    }
+
     /// Finishes every job queued before this call, closes the connection (checkpointing the
     /// WAL) and stops the thread. Later writes fail with [`StorageError::WriterStopped`].
     pub async fn close(&self) {
@@ -492,17 +534,24 @@ impl<T> Future for PendingWrite<T> {
     }
 }
 
-/// The writer thread: take one job, drain whatever else is queued, run them in one
-/// transaction, answer everyone, repeat.
-fn run_writer(conn: Connection, queue: mpsc::Receiver<Command>) {
+/// The writer thread: wait for a job (or [`LAZY_FLUSH`] if lazy writes are waiting), take
+/// the lazy writes and whatever else is queued, run them in one transaction, answer everyone,
+/// repeat.
+fn run_writer(conn: Connection, queue: mpsc::Receiver<Command>, lazy: &Mutex<Vec<Box<dyn Job>>>) {
     let mut conn = conn;
+    let mut sync = SyncMode::Full;
     let mut close_ack = None;
+    let take_lazy = || std::mem::take(&mut *lazy.lock().unwrap_or_else(PoisonError::into_inner));
     while close_ack.is_none() {
-        let Ok(first) = queue.recv() else {
-            break; // every handle dropped
+        let first = match queue.recv_timeout(LAZY_FLUSH) {
+            Ok(command) => Some(command),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => break, // every handle dropped
         };
-        let mut batch: Vec<Box<dyn Job>> = Vec::new();
-        let mut next = Some(first);
+        // Taken after the wake-up, so a lazy write queued before a command is in its batch.
+        let mut batch = take_lazy();
+        let lazy_only = first.is_none();
+        let mut next = first;
         while let Some(command) = next.take() {
             match command {
                 Command::Job(job) => batch.push(job),
@@ -517,8 +566,18 @@ fn run_writer(conn: Connection, queue: mpsc::Receiver<Command>) {
             next = queue.try_recv().ok();
         }
         if !batch.is_empty() {
-            apply_batch(&mut conn, batch);
+            let wanted = if lazy_only {
+                SyncMode::Normal
+            } else {
+                SyncMode::Full
+            };
+            run_synced(&mut conn, &mut sync, wanted, batch);
         }
+    }
+    // Lazy writes queued after the last batch (or when every handle was dropped).
+    let rest = take_lazy();
+    if !rest.is_empty() {
+        run_synced(&mut conn, &mut sync, SyncMode::Full, rest);
     }
     if close_ack.is_some() {
         // Graceful stop: fold the WAL into the main file now, since the read connection may
@@ -535,6 +594,46 @@ fn run_writer(conn: Connection, queue: mpsc::Receiver<Command>) {
     if let Some(ack) = close_ack {
         let _ = ack.send(());
     }
+}
+
+/// The write connection's `synchronous` setting. FULL fsyncs the WAL at every commit; NORMAL
+/// leaves the commit in the OS's cache until the next FULL commit or checkpoint syncs the file
+/// (WAL frames are appended in order, so that sync covers every earlier commit too).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SyncMode {
+    Full,
+    Normal,
+}
+
+/// Runs `batch` with `wanted` durability. A batch that needs FULL is refused (every job gets
+/// an error) if the connection cannot be switched back to it: a caller told "durable" must be.
+/// Failing to switch to NORMAL only leaves the connection on FULL, which is safe.
+fn run_synced(
+    conn: &mut Connection,
+    current: &mut SyncMode,
+    wanted: SyncMode,
+    batch: Vec<Box<dyn Job>>,
+) {
+    if *current != wanted {
+        let value = match wanted {
+            SyncMode::Full => "FULL",
+            SyncMode::Normal => "NORMAL",
+        };
+        match conn.pragma_update(None, "synchronous", value) {
+            Ok(()) => *current = wanted,
+            Err(e) => {
+                tracing::error!(error = %e, value, "could not set the database's synchronous mode");
+                if wanted == SyncMode::Full {
+                    let reason = format!("cannot make the write durable: {e}");
+                    for job in batch {
+                        job.finish(Err(&reason));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+    apply_batch(conn, batch);
 }
 
 fn apply_batch(conn: &mut Connection, mut batch: Vec<Box<dyn Job>>) {
@@ -711,6 +810,53 @@ mod tests {
         assert!(matches!(panicked, Err(StorageError::Panicked)));
         db.writer().execute(|tx| insert(tx, "a")).await.unwrap();
         assert_eq!(db.reader().read(count).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_lazy_write_rides_with_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(&dir.path().join("db.sqlite")).unwrap();
+        let writer = db.writer().clone();
+        writer.submit_lazy("test", |tx| insert(tx, "lazy"));
+        // Riding along: committed by the time a later write's commit is acknowledged.
+        writer.execute(|tx| insert(tx, "eager")).await.unwrap();
+        assert_eq!(db.reader().read(count).await.unwrap(), 2);
+        // `flush` is such a write.
+        writer.submit_lazy("test", |tx| insert(tx, "lazy-2"));
+        writer.flush().await.unwrap();
+        assert_eq!(db.reader().read(count).await.unwrap(), 3);
+        writer.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_lazy_write_alone_is_written_within_the_flush_interval_and_at_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(&dir.path().join("db.sqlite")).unwrap();
+        let writer = db.writer().clone();
+        writer.submit_lazy("test", |tx| insert(tx, "lazy"));
+        let deadline = std::time::Instant::now() + LAZY_FLUSH * 20;
+        while db.reader().read(count).await.unwrap() < 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "lazy write never landed"
+            );
+            tokio::time::sleep(LAZY_FLUSH / 4).await;
+        }
+        // A durable write after a lazy-only (NORMAL) batch: the connection is back on FULL.
+        writer.execute(|tx| insert(tx, "eager")).await.unwrap();
+        let sync: i64 = writer
+            .execute(|tx| Ok(tx.pragma_query_value(None, "synchronous", |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(sync, 2, "synchronous=FULL for awaited writes");
+        // Queued right before close: written by the close.
+        writer.submit_lazy("test", |tx| insert(tx, "at-close"));
+        writer.close().await;
+        drop(db);
+        let after = Reader::open_existing(&dir.path().join("db.sqlite"))
+            .await
+            .unwrap();
+        assert_eq!(after.read(count).await.unwrap(), 3);
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@
 
 pub mod http;
 pub mod metrics;
+pub mod writer;
 
 use std::sync::Arc;
 

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
 use futures_util::future::{BoxFuture, FutureExt, ready};
@@ -21,14 +21,21 @@ use super::sql;
 use super::store::{LedgerStore, Reservation, UsageKey};
 use super::{LedgerError, ReserveError, ReserveRequest, to_micros};
 use crate::config::ClientLimits;
-use crate::storage::{Database, Reader};
+use crate::storage::{Database, Reader, StorageError};
 
 /// Where settled usage goes.
 enum Durability {
     /// Nothing persists: rows are kept in this map for reports.
     Memory(Mutex<HashMap<(UsageKey, UtcDay), Tally>>),
-    Sqlite(Database),
+    Sqlite {
+        db: Database,
+        /// Cache hits not yet written: one lazy write drains them all, so a hit costs a map
+        /// update rather than a write of its own.
+        cached: Arc<Mutex<CachedCounts>>,
+    },
 }
+
+type CachedCounts = HashMap<(UsageKey, UtcDay), u64>;
 
 pub struct LocalStore {
     quotas: Mutex<Quotas>,
@@ -78,7 +85,10 @@ impl LocalStore {
             .collect();
         Ok(LocalStore {
             quotas: Mutex::new(quotas),
-            durability: Durability::Sqlite(db),
+            durability: Durability::Sqlite {
+                db,
+                cached: Arc::default(),
+            },
             next_id: AtomicU64::new(settled.next_id),
             held: Mutex::new(held),
         })
@@ -102,21 +112,14 @@ impl LocalStore {
     ) -> BoxFuture<'static, Result<(), LedgerError>> {
         match &self.durability {
             Durability::Memory(rows) => {
-                rows.lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .entry((key.clone(), day))
-                    .or_default()
-                    .add(&tally);
+                add_row(rows, key, day, &tally);
                 ready(Ok(())).boxed()
             }
-            Durability::Sqlite(db) => {
+            Durability::Sqlite { db, .. } => {
                 let key = key.clone();
-                let submitted = db.writer().submit(move |tx| {
-                    if let Some(id) = reservation_id {
-                        sql::delete_reservation(tx, id)?;
-                    }
-                    sql::add_usage(tx, &key, day, &tally)
-                });
+                let submitted = db
+                    .writer()
+                    .submit(move |tx| record_row(tx, reservation_id, &key, day, &tally));
                 async move { Ok(submitted?.await?) }.boxed()
             }
         }
@@ -129,18 +132,59 @@ impl LocalStore {
         charged_images: u32,
         tally: Tally,
     ) -> BoxFuture<'static, Result<(), LedgerError>> {
-        self.quotas().settle(
-            &reservation.key.client,
-            reservation.day,
-            (reservation.images, reservation.cost_micros()),
-            (u64::from(charged_images), tally.spend_micros),
-        );
+        self.settle_in_memory(reservation, charged_images, &tally);
         self.record(
             Some(reservation.id),
             &reservation.key,
             reservation.day,
             tally,
         )
+    }
+
+    fn settle_in_memory(&self, reservation: &Reservation, charged_images: u32, tally: &Tally) {
+        self.quotas().settle(
+            &reservation.key.client,
+            reservation.day,
+            (reservation.images, reservation.cost_micros()),
+            (u64::from(charged_images), tally.spend_micros),
+        );
+    }
+}
+
+fn add_row(
+    rows: &Mutex<HashMap<(UsageKey, UtcDay), Tally>>,
+    key: &UsageKey,
+    day: UtcDay,
+    tally: &Tally,
+) {
+    rows.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry((key.clone(), day))
+        .or_default()
+        .add(tally);
+}
+
+/// Adds `tally` to its usage row and, for a settled reservation, deletes the pending row: one
+/// job, so both happen or neither.
+fn record_row(
+    tx: &rusqlite::Transaction<'_>,
+    reservation_id: Option<u64>,
+    key: &UsageKey,
+    day: UtcDay,
+    tally: &Tally,
+) -> Result<(), StorageError> {
+    if let Some(id) = reservation_id {
+        sql::delete_reservation(tx, id)?;
+    }
+    sql::add_usage(tx, key, day, tally)
+}
+
+fn commit_tally(reservation: &Reservation, images_produced: u32) -> Tally {
+    Tally {
+        requests: 1,
+        images: u64::from(images_produced),
+        spend_micros: i64::from(images_produced).saturating_mul(reservation.unit_price_micros),
+        ..Tally::default()
     }
 }
 
@@ -232,7 +276,7 @@ impl Drop for UnconfirmedHold<'_> {
             return;
         };
         self.release_memory(&reservation);
-        if let Durability::Sqlite(db) = &self.store.durability {
+        if let Durability::Sqlite { db, .. } = &self.store.durability {
             let id = reservation.id;
             // Queued behind the insert, so it runs after it. If it cannot be queued the
             // writer is gone and the row is charged on the next start: usage over-counted,
@@ -275,7 +319,7 @@ impl LedgerStore for LocalStore {
         };
         let db = match &self.durability {
             Durability::Memory(_) => return ready(Ok(reservation)).boxed(),
-            Durability::Sqlite(db) => db,
+            Durability::Sqlite { db, .. } => db,
         };
         let row = reservation.clone();
         let created_at = unix_secs(now);
@@ -310,13 +354,26 @@ impl LedgerStore for LocalStore {
         reservation: &Reservation,
         images_produced: u32,
     ) -> BoxFuture<'static, Result<(), LedgerError>> {
-        let tally = Tally {
-            requests: 1,
-            images: u64::from(images_produced),
-            spend_micros: i64::from(images_produced).saturating_mul(reservation.unit_price_micros),
-            ..Tally::default()
-        };
-        self.settle(reservation, images_produced, tally)
+        self.settle(
+            reservation,
+            images_produced,
+            commit_tally(reservation, images_produced),
+        )
+    }
+
+    fn commit_unwaited(&self, reservation: &Reservation, images_produced: u32) {
+        let tally = commit_tally(reservation, images_produced);
+        self.settle_in_memory(reservation, images_produced, &tally);
+        match &self.durability {
+            Durability::Memory(rows) => add_row(rows, &reservation.key, reservation.day, &tally),
+            Durability::Sqlite { db, .. } => {
+                let (id, key, day) = (reservation.id, reservation.key.clone(), reservation.day);
+                db.writer().submit_lazy(
+                    "usage commit (the reservation is charged in full on restart)",
+                    move |tx| record_row(tx, Some(id), &key, day, &tally),
+                );
+            }
+        }
     }
 
     fn refund(&self, reservation: &Reservation) -> BoxFuture<'static, Result<(), LedgerError>> {
@@ -336,7 +393,7 @@ impl LedgerStore for LocalStore {
         );
         match &self.durability {
             Durability::Memory(_) => ready(Ok(())).boxed(),
-            Durability::Sqlite(db) => {
+            Durability::Sqlite { db, .. } => {
                 let id = reservation.id;
                 let submitted = db
                     .writer()
@@ -362,17 +419,35 @@ impl LedgerStore for LocalStore {
             .remove(holder)
     }
 
-    fn record_cached(
-        &self,
-        key: &UsageKey,
-        day: UtcDay,
-        images: u32,
-    ) -> BoxFuture<'static, Result<(), LedgerError>> {
+    fn record_cached(&self, key: UsageKey, day: UtcDay, images: u32) {
         let tally = Tally {
             cached: u64::from(images),
             ..Tally::default()
         };
-        self.record(None, key, day, tally)
+        match &self.durability {
+            Durability::Memory(rows) => add_row(rows, &key, day, &tally),
+            Durability::Sqlite { db, cached } => {
+                let mut counts = cached.lock().unwrap_or_else(PoisonError::into_inner);
+                // The first count since the last drain queues the one write that drains them.
+                if counts.is_empty() {
+                    let pending = Arc::clone(cached);
+                    db.writer().submit_lazy("cached usage", move |tx| {
+                        let counts = std::mem::take(
+                            &mut *pending.lock().unwrap_or_else(PoisonError::into_inner),
+                        );
+                        for ((key, day), images) in counts {
+                            let tally = Tally {
+                                cached: images,
+                                ..Tally::default()
+                            };
+                            sql::add_usage(tx, &key, day, &tally)?;
+                        }
+                        Ok(())
+                    });
+                }
+                *counts.entry((key, day)).or_default() += u64::from(images);
+            }
+        }
     }
 
     fn report<'a>(
@@ -403,7 +478,17 @@ impl LedgerStore for LocalStore {
                         tally: *tally,
                     })
                     .collect(),
-                Durability::Sqlite(db) => {
+                Durability::Sqlite { db, .. } => {
+                    // Lazy writes (settled commits, cached counts) first, so the report
+                    // agrees with the quota counters it was built with. If that fails, the
+                    // report still shows what is on disk (a stopped writer wrote everything
+                    // it had when it closed).
+                    match db.writer().flush().await {
+                        Ok(()) | Err(StorageError::WriterStopped) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "usage report without the latest writes");
+                        }
+                    }
                     db.reader()
                         .read(move |conn| sql::usage_rows(conn, from, today))
                         .await?
@@ -418,7 +503,7 @@ impl LedgerStore for LocalStore {
         match &self.durability {
             Durability::Memory(_) => ready(Ok(())).boxed(),
             // An empty job proves the writer thread is alive and can take the write lock.
-            Durability::Sqlite(db) => {
+            Durability::Sqlite { db, .. } => {
                 let writer = db.writer().clone();
                 async move { Ok(writer.execute(|_tx| Ok(())).await?) }.boxed()
             }
@@ -428,7 +513,7 @@ impl LedgerStore for LocalStore {
     fn close(&self) -> BoxFuture<'_, ()> {
         match &self.durability {
             Durability::Memory(_) => ready(()).boxed(),
-            Durability::Sqlite(db) => db.writer().close().boxed(),
+            Durability::Sqlite { db, .. } => db.writer().close().boxed(),
         }
     }
 }

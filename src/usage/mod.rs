@@ -28,8 +28,6 @@ use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
-use tokio_util::task::TaskTracker;
-
 use crate::config::{ClientLimits, StorageBackend, StorageConfig};
 use crate::storage::{Database, StorageError};
 
@@ -200,9 +198,6 @@ pub enum LedgerError {
 pub struct Ledger {
     store: Arc<dyn LedgerStore>,
     clock: Arc<dyn Clock>,
-    /// Waits for writes nobody else waits for (see [`QuotaReservation::commit_unwaited`]), so
-    /// their failures are logged and [`close`](Ledger::close) lets them finish.
-    background: TaskTracker,
 }
 
 impl fmt::Debug for Ledger {
@@ -245,11 +240,7 @@ impl Ledger {
 
     /// A ledger over any store (the shared Redis backend plugs in here).
     pub fn with_store(store: Arc<dyn LedgerStore>, clock: Arc<dyn Clock>) -> Ledger {
-        Ledger {
-            store,
-            clock,
-            background: TaskTracker::new(),
-        }
+        Ledger { store, clock }
     }
 
     /// Checks every window and holds `request.images` images and their cost. Durable before
@@ -284,19 +275,13 @@ impl Ledger {
             })
     }
 
-    /// Records a cache hit: counted as `cached` images, spends no quota. The write is queued
-    /// before this returns and nobody waits for it: the client already has its answer, and a
-    /// failure is logged.
+    /// Records a cache hit: counted as `cached` images, spends no quota. Nobody waits for the
+    /// write: the client already has its answer. The store may batch such counts for a moment
+    /// (see [`LedgerStore::record_cached`]); reports include them.
     pub fn record_cached(&self, client: &str, model: &str, size: &str, quality: &str, images: u32) {
         let key = UsageKey::new(client, model, size, quality);
         let day = UtcDay::containing(self.clock.now());
-        let written = self.store.record_cached(&key, day, images);
-        let client = client.to_owned();
-        self.background.spawn(async move {
-            if let Err(e) = written.await {
-                tracing::warn!(error = %e, client, "could not record cached usage");
-            }
-        });
+        self.store.record_cached(key, day, images);
     }
 
     /// Usage of `clients` (only `only`, when given; an unknown name gives an empty list),
@@ -321,8 +306,6 @@ impl Ledger {
     /// Finishes pending writes and stops the writer (graceful shutdown). Reservations still
     /// open are left pending and settled as charged on the next start.
     pub async fn close(&self) {
-        self.background.close();
-        self.background.wait().await;
         self.store.close().await;
     }
 }
@@ -391,23 +374,18 @@ impl QuotaReservation {
 
     /// [`commit`](QuotaReservation::commit) without waiting for the write to be durable: the
     /// quota counters are settled and the write is queued before this returns, so the
-    /// request's answer need not wait for an fsync. Safe because the reservation itself is
-    /// already durable: if the process dies before this write lands, the next start charges
-    /// the whole reservation, so usage is never below what the client received.
+    /// request's answer need not wait for an fsync, and the write itself is batched with the
+    /// next ones (no thread is woken for it). Safe because the reservation itself is already
+    /// durable: if the write is lost (the process dies first, or a power cut takes the last
+    /// unsynced commits), the next start charges the whole reservation, so usage is never
+    /// below what the client received.
     pub fn commit_unwaited(mut self, images_produced: u32) {
         let Some(reservation) = self.reservation.take() else {
             return;
         };
-        let written = self.ledger.store.commit(&reservation, images_produced);
-        self.ledger.background.spawn(async move {
-            if let Err(e) = written.await {
-                tracing::error!(
-                    error = %e,
-                    client = %reservation.key.client,
-                    "usage commit not recorded; charged in full on restart"
-                );
-            }
-        });
+        self.ledger
+            .store
+            .commit_unwaited(&reservation, images_produced);
     }
 
     /// Nothing was produced: releases everything held and counts a failure.

@@ -61,9 +61,10 @@ impl Reservation {
 
 /// A ledger backend. Object-safe: the ledger holds an `Arc<dyn LedgerStore>`.
 ///
-/// Settling methods (`commit`, `refund`, `release`, `record_cached`) apply their effect on the
-/// quota counters and queue their durable write before they return; the returned future only
-/// reports when that write is durable, so a caller may answer its client first.
+/// Settling methods (`commit`, `commit_unwaited`, `refund`, `release`, `record_cached`) apply
+/// their effect on the quota counters and queue their durable write before they return; the
+/// returned future (if any) only reports when that write is durable, so a caller may answer
+/// its client first.
 pub trait LedgerStore: Send + Sync + 'static {
     /// Checks the client's windows and holds `request.images` images and their cost,
     /// atomically with the check; `Ok` only once the hold is durable.
@@ -92,13 +93,15 @@ pub trait LedgerStore: Send + Sync + 'static {
     /// Hands over the pending reservation of `holder` (at most once).
     fn take_held(&self, holder: &str) -> Option<Reservation>;
 
-    /// Counts images served from the cache on `day`; no quota is involved.
-    fn record_cached(
-        &self,
-        key: &UsageKey,
-        day: UtcDay,
-        images: u32,
-    ) -> BoxFuture<'static, Result<(), LedgerError>>;
+    /// [`commit`](LedgerStore::commit) for a caller that will not wait: the quota counters
+    /// are settled before this returns; the durable write may be deferred and batched with
+    /// others (the reservation's own row covers it until then), and a failure is logged.
+    fn commit_unwaited(&self, reservation: &Reservation, images_produced: u32);
+
+    /// Counts images served from the cache on `day`; no quota is involved. Nobody waits: the
+    /// store may aggregate counts in memory for a moment and write them in one go (a failure
+    /// is logged), but a [`report`](LedgerStore::report) includes them.
+    fn record_cached(&self, key: UsageKey, day: UtcDay, images: u32);
 
     /// Usage of exactly `clients`, with `days` days of daily history up to `now`'s day.
     fn report<'a>(
