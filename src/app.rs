@@ -374,7 +374,10 @@ async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(header_timeout)
+        // 8 KiB for the request head (nginx allows 8 KiB per header line; Node.js 16 KiB in
+        // all) and the read buffer: hyper grows it to 16 KiB otherwise, per connection.
+        .max_buf_size(8192);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();

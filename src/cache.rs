@@ -446,7 +446,9 @@ where
             let result = work.await;
             if store && let Ok(response) = &result {
                 if response.body.len() <= max_entry_bytes {
-                    entries.insert(key, response.clone()).await;
+                    // Boxed: moka's insert future would otherwise be laid out in every
+                    // generation task for the whole upstream call.
+                    Box::pin(entries.insert(key, response.clone())).await;
                 } else {
                     tracing::debug!(bytes = response.body.len(), "response too large to cache");
                 }

@@ -189,32 +189,40 @@ pub struct RateHeaders {
 impl RateHeaders {
     /// The six headers; resets formatted as Go durations (rounding: see `go_duration`).
     pub fn pairs(&self) -> Vec<(HeaderName, HeaderValue)> {
+        // Names are constants (parsed at compile time: this runs on every response); values
+        // are digits and `hms.`, so their conversion cannot fail, and skipping instead of
+        // panicking keeps that local.
+        const NAMES: [[HeaderName; 3]; 2] = [
+            [
+                HeaderName::from_static("x-ratelimit-limit-requests"),
+                HeaderName::from_static("x-ratelimit-remaining-requests"),
+                HeaderName::from_static("x-ratelimit-reset-requests"),
+            ],
+            [
+                HeaderName::from_static("x-ratelimit-limit-images"),
+                HeaderName::from_static("x-ratelimit-remaining-images"),
+                HeaderName::from_static("x-ratelimit-reset-images"),
+            ],
+        ];
         let mut pairs = Vec::with_capacity(6);
-        for (suffix, limit, remaining, reset) in [
+        for ([limit_name, remaining_name, reset_name], limit, remaining, reset) in [
             (
-                "requests",
+                &NAMES[0],
                 self.limit_requests,
                 self.remaining_requests,
                 self.reset_requests,
             ),
             (
-                "images",
+                &NAMES[1],
                 self.limit_images,
                 self.remaining_images,
                 self.reset_images,
             ),
         ] {
-            // Names are built from fixed ASCII and values are digits and `hms.`, so none of
-            // these conversions can fail; skipping instead of panicking keeps that local.
-            let name = |what: &str| HeaderName::try_from(format!("x-ratelimit-{what}-{suffix}"));
-            if let Ok(n) = name("limit") {
-                pairs.push((n, HeaderValue::from(limit)));
-            }
-            if let Ok(n) = name("remaining") {
-                pairs.push((n, HeaderValue::from(remaining)));
-            }
-            if let (Ok(n), Ok(v)) = (name("reset"), HeaderValue::try_from(go_duration(reset))) {
-                pairs.push((n, v));
+            pairs.push((limit_name.clone(), HeaderValue::from(limit)));
+            pairs.push((remaining_name.clone(), HeaderValue::from(remaining)));
+            if let Ok(v) = HeaderValue::try_from(go_duration(reset)) {
+                pairs.push((reset_name.clone(), v));
             }
         }
         pairs

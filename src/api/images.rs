@@ -2,7 +2,7 @@
 
 use axum::Extension;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::JsonObject;
@@ -11,6 +11,10 @@ use crate::app::AppState;
 use crate::auth::AuthenticatedClient;
 use crate::error::ApiError;
 use crate::generate::{Created, Options, Trace, create_generation as create};
+
+/// Set on every generation answer (names parsed once, at compile time).
+const UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
+const CACHE_OUTCOME: HeaderName = HeaderName::from_static("x-imagegate-cache");
 
 /// Longest `Idempotency-Key` accepted (Stripe's limit; keys are usually UUIDs).
 const MAX_IDEMPOTENCY_KEY: usize = 255;
@@ -23,11 +27,15 @@ pub async fn create_generation(
 ) -> Response {
     let mut trace = Trace::default();
     let cache_control = cache_control(&headers);
-    let result = match (body, idempotency_key(&headers)) {
+    let idempotency_key = idempotency_key(&headers).map(|key| key.map(str::to_owned));
+    // The header values are slices of the connection's read buffer: dropped before the
+    // generation is awaited, so that buffer is not kept alive for the seconds an image takes.
+    drop(headers);
+    let result = match (body, idempotency_key) {
         (Ok(JsonObject(body)), Ok(idempotency_key)) => {
             let options = Options {
                 cache_control: cache_control.as_deref(),
-                idempotency_key,
+                idempotency_key: idempotency_key.as_deref(),
             };
             create(&state, &client, &body, options, &mut trace).await
         }
@@ -43,7 +51,7 @@ pub async fn create_generation(
                 HeaderValue::from_static("application/json"),
             );
             if let Some(id) = generated.response.upstream_request_id {
-                headers.insert("x-upstream-request-id", id);
+                headers.insert(UPSTREAM_REQUEST_ID, id);
             }
             response
         }
@@ -65,7 +73,7 @@ pub async fn create_generation(
         rate.apply(headers);
     }
     if let Some(cache) = trace.facts.cache {
-        headers.insert("x-imagegate-cache", HeaderValue::from_static(cache));
+        headers.insert(CACHE_OUTCOME, HeaderValue::from_static(cache));
     }
     response.extensions_mut().insert(trace.facts);
     response

@@ -11,7 +11,7 @@ use axum::response::Response;
 use tracing::Instrument;
 
 use super::metrics::{HttpLabels, Metrics, RouteLabels};
-use super::{RequestFacts, is_valid_request_id};
+use super::{RequestFacts, RequestLine, is_valid_request_id};
 use crate::error::ErrorKind;
 
 pub const REQUEST_ID: &str = "x-request-id";
@@ -27,7 +27,10 @@ pub async fn request_id(mut request: Request, next: Next) -> Response {
         .headers()
         .get(REQUEST_ID)
         .filter(|v| is_valid_request_id(v.as_bytes()))
-        .cloned()
+        // A copy, not a clone: a cloned value is a slice of the connection's whole read
+        // buffer, which this request would then keep alive until it ends (seconds, for an
+        // image), one buffer per request in flight.
+        .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
         .unwrap_or_else(new_request_id);
     request.headers_mut().insert(REQUEST_ID, id.clone());
     request.extensions_mut().insert(RequestId(id.clone()));
@@ -64,31 +67,37 @@ pub async fn log_request(
         .and_then(|id| id.0.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    let span = tracing::info_span!("request", request_id = %request_id);
-    let response = next.run(request).instrument(span).await;
+    // The span shows in the pretty format's prefix of every event inside the request; the
+    // JSON format does not print spans, so it is not made there (it costs a formatting of its
+    // fields per request).
+    let response = if super::json_request_lines() {
+        next.run(request).await
+    } else {
+        let span = tracing::info_span!("request", request_id = %request_id);
+        next.run(request).instrument(span).await
+    };
 
     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
     let status = response.status().as_u16();
     let facts = response.extensions().get::<RequestFacts>();
     let error_kind = response.extensions().get::<ErrorKind>().map(|k| k.0);
     let f = |get: fn(&RequestFacts) -> Option<&str>| facts.and_then(get);
-    tracing::info!(
-        target: "imagegate::request",
-        request_id = %request_id,
-        method = %method,
-        route = %route,
+    let line = RequestLine {
+        request_id: &request_id,
+        method: method.as_str(),
+        route: &route,
         status,
-        latency_ms = (latency_ms * 1000.0).round() / 1000.0,
-        client = f(|x| x.client.as_ref().map(|c| c.as_str())),
-        model = f(|x| x.model.as_deref()),
-        upstream = f(|x| x.upstream.as_deref()),
-        upstream_key = f(|x| x.upstream_key.as_deref()),
-        cache = f(|x| x.cache),
-        images = facts.and_then(|x| x.images),
-        prompt = f(|x| x.prompt.as_deref()),
+        latency_ms: (latency_ms * 1000.0).round() / 1000.0,
+        client: f(|x| x.client.as_ref().map(|c| c.as_str())),
+        model: f(|x| x.model.as_deref()),
+        upstream: f(|x| x.upstream.as_deref()),
+        upstream_key: f(|x| x.upstream_key.as_deref()),
+        cache: f(|x| x.cache),
+        images: facts.and_then(|x| x.images),
+        prompt: f(|x| x.prompt.as_deref()),
         error_kind,
-        "request"
-    );
+    };
+    line.log();
     let client = facts
         .and_then(|x| x.client.as_ref())
         .map_or("-", |c| c.as_str())

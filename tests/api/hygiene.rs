@@ -158,3 +158,46 @@ async fn shutdown_turns_readiness_off_at_once_and_lets_in_flight_requests_finish
         "the public listener is closed"
     );
 }
+
+#[tokio::test]
+async fn a_request_head_over_8_kib_gets_431_while_a_body_over_8_kib_is_read_in_full() {
+    let app = spawn_app().await;
+    // The head (request line and headers) must fit the connection's 8 KiB read buffer, which
+    // stays that small so ~1 000 requests in flight do not hold 16 KiB each.
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nX-Padding: {}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}",
+        app.client_key,
+        "p".repeat(9 * 1024)
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+    let fits = app
+        .http
+        .post(app.url("/v1/images/generations"))
+        .bearer_auth(&app.client_key)
+        .header("x-padding", "p".repeat(6 * 1024))
+        .json(&body("head"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fits.status(), 200);
+    // Bodies stream through the buffer in pieces: 4 000 three-byte characters (12 kB) are
+    // read whole.
+    let long = app
+        .http
+        .post(app.url("/v1/images/generations"))
+        .bearer_auth(&app.client_key)
+        .json(&body(&"€".repeat(4_000)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(long.status(), 200, "{}", long.text().await.unwrap());
+    assert_eq!(app.mock.call_count(), 2);
+}
