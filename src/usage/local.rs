@@ -100,27 +100,39 @@ impl LocalStore {
         self.quotas.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records settled usage (and, for a reservation, deletes its pending row in the same
-    /// transaction). The write is queued before this returns, so it happens even if the
-    /// returned future is dropped.
+    /// Records a settled reservation's usage and deletes its pending row, in one job. The
+    /// write is queued before this returns, so it happens even if the returned future is
+    /// dropped.
     fn record(
         &self,
-        reservation_id: Option<u64>,
-        key: &UsageKey,
-        day: UtcDay,
+        reservation: &Reservation,
         tally: Tally,
     ) -> BoxFuture<'static, Result<(), LedgerError>> {
         match &self.durability {
             Durability::Memory(rows) => {
-                add_row(rows, key, day, &tally);
+                add_row(rows, &reservation.key, reservation.day, &tally);
                 ready(Ok(())).boxed()
             }
             Durability::Sqlite { db, .. } => {
-                let key = key.clone();
+                let (id, key, day) = (reservation.id, reservation.key.clone(), reservation.day);
                 let submitted = db
                     .writer()
-                    .submit(move |tx| record_row(tx, reservation_id, &key, day, &tally));
+                    .submit(move |tx| record_row(tx, id, &key, day, &tally));
                 async move { Ok(submitted?.await?) }.boxed()
+            }
+        }
+    }
+
+    /// [`record`](LocalStore::record) as a lazy write: nobody waits, no thread is woken.
+    fn record_lazily(&self, reservation: &Reservation, tally: Tally) {
+        match &self.durability {
+            Durability::Memory(rows) => add_row(rows, &reservation.key, reservation.day, &tally),
+            Durability::Sqlite { db, .. } => {
+                let (id, key, day) = (reservation.id, reservation.key.clone(), reservation.day);
+                db.writer().submit_lazy(
+                    "usage commit (the reservation is charged in full on restart)",
+                    move |tx| record_row(tx, id, &key, day, &tally),
+                );
             }
         }
     }
@@ -133,12 +145,7 @@ impl LocalStore {
         tally: Tally,
     ) -> BoxFuture<'static, Result<(), LedgerError>> {
         self.settle_in_memory(reservation, charged_images, &tally);
-        self.record(
-            Some(reservation.id),
-            &reservation.key,
-            reservation.day,
-            tally,
-        )
+        self.record(reservation, tally)
     }
 
     fn settle_in_memory(&self, reservation: &Reservation, charged_images: u32, tally: &Tally) {
@@ -164,18 +171,16 @@ fn add_row(
         .add(tally);
 }
 
-/// Adds `tally` to its usage row and, for a settled reservation, deletes the pending row: one
-/// job, so both happen or neither.
+/// Adds a settled reservation's `tally` to its usage row and deletes its pending row: one job,
+/// so both happen or neither.
 fn record_row(
     tx: &rusqlite::Transaction<'_>,
-    reservation_id: Option<u64>,
+    reservation_id: u64,
     key: &UsageKey,
     day: UtcDay,
     tally: &Tally,
 ) -> Result<(), StorageError> {
-    if let Some(id) = reservation_id {
-        sql::delete_reservation(tx, id)?;
-    }
+    sql::delete_reservation(tx, reservation_id)?;
     sql::add_usage(tx, key, day, tally)
 }
 
@@ -364,16 +369,7 @@ impl LedgerStore for LocalStore {
     fn commit_unwaited(&self, reservation: &Reservation, images_produced: u32) {
         let tally = commit_tally(reservation, images_produced);
         self.settle_in_memory(reservation, images_produced, &tally);
-        match &self.durability {
-            Durability::Memory(rows) => add_row(rows, &reservation.key, reservation.day, &tally),
-            Durability::Sqlite { db, .. } => {
-                let (id, key, day) = (reservation.id, reservation.key.clone(), reservation.day);
-                db.writer().submit_lazy(
-                    "usage commit (the reservation is charged in full on restart)",
-                    move |tx| record_row(tx, Some(id), &key, day, &tally),
-                );
-            }
-        }
+        self.record_lazily(reservation, tally);
     }
 
     fn refund(&self, reservation: &Reservation) -> BoxFuture<'static, Result<(), LedgerError>> {
