@@ -498,10 +498,11 @@ impl LedgerStore for LocalStore {
     fn check_writable(&self) -> BoxFuture<'_, Result<(), LedgerError>> {
         match &self.durability {
             Durability::Memory(_) => ready(Ok(())).boxed(),
-            // An empty job proves the writer thread is alive and can take the write lock.
+            // A flush is an empty durable job: it proves the writer thread is alive and can
+            // take the write lock.
             Durability::Sqlite { db, .. } => {
                 let writer = db.writer().clone();
-                async move { Ok(writer.execute(|_tx| Ok(())).await?) }.boxed()
+                async move { Ok(writer.flush().await?) }.boxed()
             }
         }
     }
