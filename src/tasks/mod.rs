@@ -165,6 +165,17 @@ impl fmt::Debug for Tasks {
     }
 }
 
+/// The Unix second at which a task finished at `finished` stops being served.
+///
+/// Rounded up, so a task is served for at least `ttl_secs`: rounding the finish down to its
+/// second instead would let a task that finished at x.95 vanish 50 ms later when the ttl is 1 s.
+pub fn expiry(finished: SystemTime, ttl_secs: u64) -> i64 {
+    let since_epoch = finished.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let whole = since_epoch.as_secs().saturating_add(ttl_secs);
+    let rounded_up = whole.saturating_add(u64::from(since_epoch.subsec_nanos() > 0));
+    i64::try_from(rounded_up).unwrap_or(i64::MAX)
+}
+
 /// Unix seconds now.
 pub fn unix_now() -> i64 {
     SystemTime::now()
@@ -353,8 +364,9 @@ impl Tasks {
             .remove(id)
     }
 
-    fn expires_at(&self, now: i64) -> i64 {
-        now.saturating_add(i64::try_from(self.config.ttl_secs).unwrap_or(i64::MAX))
+    /// When a task finishing now expires: see [`expiry`].
+    fn expires_at(&self) -> i64 {
+        expiry(SystemTime::now(), self.config.ttl_secs)
     }
 
     /// Records a completed task, then charges its reservation with the images produced, or,
@@ -376,7 +388,7 @@ impl Tasks {
         self.finished(&job, TaskState::Completed);
         if let Err(e) = self
             .store
-            .finish(&job.record.id, finish, now, self.expires_at(now))
+            .finish(&job.record.id, finish, now, self.expires_at())
             .await
         {
             // The images exist but the task cannot show them. Its reservation stays pending
@@ -421,7 +433,7 @@ impl Tasks {
                 &job.record.id,
                 Finish::Failed { error: text },
                 now,
-                self.expires_at(now),
+                self.expires_at(),
             )
             .await
         {

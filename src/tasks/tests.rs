@@ -247,3 +247,14 @@ async fn the_sqlite_store_keeps_task_rows_across_reopening() {
     assert_eq!(pending[0].id, kept);
     assert_eq!(pending[0].request, r#"{"model":"m","prompt":"p"}"#);
 }
+
+#[test]
+fn a_task_is_served_for_at_least_its_ttl_whatever_the_fraction_of_its_finishing_second() {
+    let at = |secs: u64, millis: u64| UNIX_EPOCH + Duration::from_millis(secs * 1_000 + millis);
+    // On a whole second, exactly the ttl.
+    assert_eq!(expiry(at(1_000, 0), 1), 1_001);
+    // Late in a second, rounded up: 1 000.95 + 1 s is gone at 1 002, not at 1 001 (50 ms later).
+    assert_eq!(expiry(at(1_000, 950), 1), 1_002);
+    assert_eq!(expiry(at(1_000, 1), 600), 1_601);
+    assert_eq!(expiry(at(1_000, 1), u64::MAX), i64::MAX);
+}
