@@ -19,6 +19,13 @@ pub(super) fn client(connect_timeout: Duration) -> reqwest::Result<reqwest::Clie
         .redirect(reqwest::redirect::Policy::none())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)
+        // HTTP/1.1 only, as the OpenAI SDKs speak it. Over https, ALPN would otherwise pick h2,
+        // and hyper's pool keeps one h2 connection per host and never opens a second: past the
+        // provider's SETTINGS_MAX_CONCURRENT_STREAMS (often 100-256), requests would wait
+        // inside the client, unseen by the key pool's queue and its metrics, spending their
+        // deadline. A generation takes seconds, so a connection per request in flight costs
+        // nothing that matters, and the pool keeps them alive between requests.
+        .http1_only()
         .tcp_nodelay(true)
         .user_agent(concat!("imagegate/", env!("CARGO_PKG_VERSION")))
         .build()

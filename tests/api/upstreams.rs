@@ -403,3 +403,41 @@ async fn keys_that_keep_answering_429_cannot_make_a_request_cycle_until_its_dead
     );
     assert!(took < Duration::from_secs(8), "gave up in {took:?}");
 }
+
+/// The ALPN protocols in the first TLS ClientHello that reaches `listener`.
+fn offered_alpn(listener: std::net::TcpListener) -> Vec<Vec<u8>> {
+    let (mut stream, _) = listener.accept().unwrap();
+    let mut acceptor = rustls::server::Acceptor::default();
+    loop {
+        acceptor.read_tls(&mut stream).unwrap();
+        if let Some(accepted) = acceptor.accept().map_err(|(e, _)| e).unwrap() {
+            return accepted
+                .client_hello()
+                .alpn()
+                .map(|protocols| protocols.map(<[u8]>::to_vec).collect())
+                .unwrap_or_default();
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_https_upstream_is_offered_http1_only_so_concurrency_is_not_capped_by_h2_streams() {
+    // Over h2, hyper's pool keeps one connection per host and queues requests past the
+    // provider's stream limit inside the client; over HTTP/1.1 each request in flight gets a
+    // connection. The ClientHello says which the gateway asked for.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hello = std::thread::spawn(move || offered_alpn(listener));
+    let app = spawn_app_with(MockOptions::default(), |c| {
+        c.upstreams[0].base_url = format!("https://{addr}/v1");
+        c.upstreams[0].max_retries = 0;
+    })
+    .await;
+    let response = app.generate(&body("over tls")).await;
+    // The listener drops the connection after the hello: the gateway answers a 5xx of its own.
+    assert!(response.status().is_server_error(), "{}", response.status());
+    let alpn = tokio::task::spawn_blocking(move || hello.join().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(alpn, vec![b"http/1.1".to_vec()]);
+}
