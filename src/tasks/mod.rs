@@ -178,8 +178,11 @@ pub fn expiry(finished: SystemTime, ttl_secs: u64) -> i64 {
 
 /// Unix seconds now.
 pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
+    unix_secs(SystemTime::now())
+}
+
+fn unix_secs(at: SystemTime) -> i64 {
+    at.duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
@@ -364,9 +367,11 @@ impl Tasks {
             .remove(id)
     }
 
-    /// When a task finishing now expires: see [`expiry`].
-    fn expires_at(&self) -> i64 {
-        expiry(SystemTime::now(), self.config.ttl_secs)
+    /// The finish time to record (Unix seconds) and when the task expires: see [`expiry`].
+    /// One clock reading for both, so they are never a second further apart than the ttl.
+    fn finish_times(&self) -> (i64, i64) {
+        let now = SystemTime::now();
+        (unix_secs(now), expiry(now, self.config.ttl_secs))
     }
 
     /// Records a completed task, then charges its reservation with the images produced, or,
@@ -379,7 +384,7 @@ impl Tasks {
         from_cache: bool,
         gateway: &Gateway,
     ) {
-        let now = unix_now();
+        let (now, expires_at) = self.finish_times();
         let images = u32::try_from(response.images).unwrap_or(u32::MAX);
         let finish = Finish::Completed {
             body: without_task_fields(&response.body),
@@ -388,7 +393,7 @@ impl Tasks {
         self.finished(&job, TaskState::Completed);
         if let Err(e) = self
             .store
-            .finish(&job.record.id, finish, now, self.expires_at())
+            .finish(&job.record.id, finish, now, expires_at)
             .await
         {
             // The images exist but the task cannot show them. Its reservation stays pending
@@ -421,7 +426,7 @@ impl Tasks {
 
     /// Records a failed task with `error` as its OpenAI-shaped error, then refunds it.
     pub async fn fail(&self, job: Job, error: &ApiError) {
-        let now = unix_now();
+        let (now, expires_at) = self.finish_times();
         let text = serde_json::to_string(&error.body()).unwrap_or_else(|_| {
             r#"{"message":"The task failed.","type":"server_error","param":null,"code":null}"#
                 .to_owned()
@@ -433,7 +438,7 @@ impl Tasks {
                 &job.record.id,
                 Finish::Failed { error: text },
                 now,
-                self.expires_at(),
+                expires_at,
             )
             .await
         {

@@ -9,7 +9,10 @@
 //! Nothing is dropped: when the buffer holds [`MAX_PENDING`] bytes (stdout is blocked, say a
 //! full pipe), loggers wait for room, as they would on a blocking `write`. [`LogGuard`]
 //! writes out what is left when dropped, so a graceful exit loses no line; a crash can lose
-//! the lines of the last moment that the thread had not written yet.
+//! the lines of the last moment that the thread had not written yet. A stdout that fails
+//! (a closed pipe) loses lines, as tracing's own writer would, and never stops the gateway:
+//! the failure is reported once on stderr, and should the thread end for any reason, loggers
+//! write straight to stdout instead of waiting for it.
 
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -29,15 +32,21 @@ const GATHER: Duration = Duration::from_millis(1);
 #[derive(Default)]
 struct Pending {
     bytes: Vec<u8>,
+    /// The guard dropped: the thread writes what is left, then ends.
     closed: bool,
+    /// The thread has ended: loggers write straight to stdout.
+    finished: bool,
     /// The writer thread is waiting on `lines`: the next line must wake it. While it sleeps
     /// or writes, lines just gather (no syscall on the logging thread).
     idle: bool,
 }
 
-#[derive(Default)]
+/// Where a line goes once the thread has ended: stdout (a test's capture in tests).
+type Direct = Box<dyn Fn(&[u8]) -> std::io::Result<usize> + Send + Sync>;
+
 struct Shared {
     pending: Mutex<Pending>,
+    direct: Direct,
     /// The writer thread waits here for lines.
     lines: Condvar,
     /// Loggers wait here for room.
@@ -67,15 +76,23 @@ pub struct LogGuard {
 impl BatchedStdout {
     /// Starts the writer thread. Fails only if the thread cannot be spawned.
     pub fn start() -> std::io::Result<(BatchedStdout, LogGuard)> {
-        BatchedStdout::start_with(std::io::stdout)
+        BatchedStdout::start_with(
+            std::io::stdout,
+            Box::new(|buf| std::io::stdout().write(buf)),
+        )
     }
 
-    fn start_with<W, F>(open: F) -> std::io::Result<(BatchedStdout, LogGuard)>
+    fn start_with<W, F>(open: F, direct: Direct) -> std::io::Result<(BatchedStdout, LogGuard)>
     where
         F: FnOnce() -> W + Send + 'static,
         W: Write,
     {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            pending: Mutex::default(),
+            direct,
+            lines: Condvar::new(),
+            room: Condvar::new(),
+        });
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("imagegate-log".to_owned())
@@ -92,8 +109,21 @@ impl BatchedStdout {
     }
 }
 
+/// Marks the thread finished however it ends (a panic included), so no logger waits for it.
+struct Finished<'a>(&'a Shared);
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        self.0.lock().finished = true;
+        self.0.room.notify_all();
+    }
+}
+
 fn write_lines<W: Write>(shared: &Shared, mut out: W) {
+    let _finished = Finished(shared);
     let mut batch = Vec::new();
+    // A failing stdout is reported once, and again only after it worked in between.
+    let mut failing = false;
     loop {
         {
             let mut pending = shared.lock();
@@ -106,7 +136,10 @@ fn write_lines<W: Write>(shared: &Shared, mut out: W) {
             }
             pending.idle = false;
             if pending.bytes.is_empty() {
-                return; // closed, and everything is written
+                // Closed, and everything is written. Marked here, under the same lock as the
+                // check, so no line can be appended after it and never written.
+                pending.finished = true;
+                return;
             }
             if !pending.closed && pending.bytes.len() < MAX_PENDING / 2 {
                 drop(pending);
@@ -116,12 +149,18 @@ fn write_lines<W: Write>(shared: &Shared, mut out: W) {
             std::mem::swap(&mut pending.bytes, &mut batch);
         }
         shared.room.notify_all();
-        // Nowhere to report a failing stdout but stderr, and once per batch at most.
-        if let Err(e) = out.write_all(&batch).and_then(|()| out.flush()) {
-            #[expect(clippy::print_stderr, reason = "the log itself cannot be written")]
-            {
-                eprintln!("imagegate: cannot write the log to stdout: {e}");
+        match out.write_all(&batch).and_then(|()| out.flush()) {
+            Ok(()) => failing = false,
+            Err(e) if !failing => {
+                failing = true;
+                // Nowhere else to say it. `eprintln!` would panic if stderr is closed too
+                // (both ends of `2>&1 | collector` when the collector exits).
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "imagegate: cannot write the log to stdout, lines are lost until it works: {e}"
+                );
             }
+            Err(_) => {}
         }
         batch.clear();
         // Do not keep a burst's worth of capacity forever.
@@ -137,17 +176,19 @@ pub struct LineSink<'a> {
 impl Write for LineSink<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let mut pending = self.shared.lock();
-        while pending.bytes.len() >= MAX_PENDING && !pending.closed {
+        while pending.bytes.len() >= MAX_PENDING && !pending.finished {
             pending = self
                 .shared
                 .room
                 .wait(pending)
                 .unwrap_or_else(PoisonError::into_inner);
         }
-        if pending.closed {
-            // After the guard dropped (the last lines of a shutdown): straight through.
+        if pending.finished {
+            // After the thread ended (the last lines of a shutdown): straight through. Until
+            // then, lines logged after the guard dropped still queue behind the thread's last
+            // batch, so they keep their order.
             drop(pending);
-            return std::io::stdout().write(buf);
+            return (self.shared.direct)(buf);
         }
         let wake = std::mem::take(&mut pending.idle);
         pending.bytes.extend_from_slice(buf);
@@ -206,11 +247,16 @@ mod tests {
         }
     }
 
+    /// For tests whose thread outlives every line.
+    fn unused() -> Direct {
+        Box::new(|_| panic!("no line goes straight to stdout while the thread runs"))
+    }
+
     #[test]
     fn every_line_from_every_thread_is_written_once_and_whole_by_the_time_the_guard_drops() {
         let capture = Capture::default();
         let out = capture.clone();
-        let (sink, guard) = BatchedStdout::start_with(move || out).unwrap();
+        let (sink, guard) = BatchedStdout::start_with(move || out, unused()).unwrap();
         std::thread::scope(|s| {
             for t in 0..4 {
                 let sink = sink.clone();
@@ -265,7 +311,7 @@ mod tests {
             }
         }
         let (g, c) = (Arc::clone(&gate), capture.clone());
-        let (sink, guard) = BatchedStdout::start_with(move || Gated(g, c)).unwrap();
+        let (sink, guard) = BatchedStdout::start_with(move || Gated(g, c), unused()).unwrap();
         let line = vec![b'x'; 1 << 20];
         let logger = {
             let sink = sink.clone();
@@ -290,5 +336,37 @@ mod tests {
             12 << 20,
             "nothing dropped"
         );
+    }
+
+    #[test]
+    fn loggers_never_wait_for_a_writer_thread_that_died() {
+        // A stdout whose write panics kills the thread; before, loggers then filled the
+        // buffer and waited for room forever, freezing every thread that logs.
+        struct Panics;
+        impl Write for Panics {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                panic!("stdout is gone");
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let direct = Capture::default();
+        let to = direct.clone();
+        let (sink, guard) =
+            BatchedStdout::start_with(|| Panics, Box::new(move |buf| to.clone().write(buf)))
+                .unwrap();
+        sink.make_writer()
+            .write_all(b"the line that kills it\n")
+            .unwrap();
+        while !sink.shared.lock().finished {
+            std::thread::yield_now();
+        }
+        // More than the buffer holds: goes straight through instead of waiting.
+        let big = vec![b' '; MAX_PENDING];
+        sink.make_writer().write_all(&big).unwrap();
+        sink.make_writer().write_all(b"\n").unwrap();
+        drop(guard);
+        assert_eq!(direct.0.lock().unwrap().0.len(), MAX_PENDING + 1);
     }
 }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
 use futures_util::future::{BoxFuture, FutureExt, ready};
+use rusqlite::Transaction;
 
 use super::calendar::{UtcDay, unix_secs};
 use super::quota::{ClientQuota, Quotas};
@@ -21,7 +22,7 @@ use super::sql;
 use super::store::{LedgerStore, Reservation, UsageKey};
 use super::{LedgerError, ReserveError, ReserveRequest, to_micros};
 use crate::config::ClientLimits;
-use crate::storage::{Database, Reader, StorageError};
+use crate::storage::{Database, Reader, StorageError, Writer};
 
 /// Where settled usage goes.
 enum Durability {
@@ -35,7 +36,72 @@ enum Durability {
     },
 }
 
-type CachedCounts = HashMap<(UsageKey, UtcDay), u64>;
+/// Cache hits counted in memory, waiting for the one lazy write that moves them to disk.
+#[derive(Default)]
+struct CachedCounts {
+    counts: HashMap<(UsageKey, UtcDay), u64>,
+    /// That write is queued (or running): a new count just joins the map.
+    queued: bool,
+}
+
+impl CachedCounts {
+    fn lock(this: &Mutex<CachedCounts>) -> MutexGuard<'_, CachedCounts> {
+        // Map updates are single calls that cannot leave it half-changed.
+        this.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues the write that drains the counts unless one is queued or nothing is waiting.
+    ///
+    /// The write takes the counts when it runs; if its transaction does not commit, they go
+    /// back into the map, and whatever is waiting when it ends is queued again. Without that,
+    /// one failed batch would leave `queued` set forever and the counts would never be written.
+    fn drain(this: &Arc<Mutex<CachedCounts>>, writer: &Writer) {
+        {
+            let mut state = CachedCounts::lock(this);
+            if state.queued || state.counts.is_empty() {
+                return;
+            }
+            state.queued = true;
+        }
+        // What the write took, held until its transaction's fate is known.
+        let taken: Arc<Mutex<HashMap<(UsageKey, UtcDay), u64>>> = Arc::default();
+        let (state, slot) = (Arc::clone(this), Arc::clone(&taken));
+        let work = move |tx: &Transaction<'_>| {
+            let counts = std::mem::take(&mut CachedCounts::lock(&state).counts);
+            let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+            *slot = counts;
+            for ((key, day), images) in slot.iter() {
+                let tally = Tally {
+                    cached: *images,
+                    ..Tally::default()
+                };
+                sql::add_usage(tx, key, *day, &tally)?;
+            }
+            Ok(())
+        };
+        // The writer handle in a queued job only keeps the thread up until the job has run.
+        let (state, again) = (Arc::clone(this), writer.clone());
+        let then = move |result: Result<(), StorageError>| {
+            {
+                let mut state = CachedCounts::lock(&state);
+                state.queued = false;
+                if result.is_err() {
+                    let taken =
+                        std::mem::take(&mut *taken.lock().unwrap_or_else(PoisonError::into_inner));
+                    for (key, images) in taken {
+                        *state.counts.entry(key).or_default() += images;
+                    }
+                }
+            }
+            // A stopped writer takes nothing more: what is left is lost with the process
+            // (the failure was logged).
+            if !matches!(result, Err(StorageError::WriterStopped)) {
+                CachedCounts::drain(&state, &again);
+            }
+        };
+        writer.submit_lazy_then("cached usage", work, then);
+    }
+}
 
 pub struct LocalStore {
     quotas: Mutex<Quotas>,
@@ -423,25 +489,12 @@ impl LedgerStore for LocalStore {
         match &self.durability {
             Durability::Memory(rows) => add_row(rows, &key, day, &tally),
             Durability::Sqlite { db, cached } => {
-                let mut counts = cached.lock().unwrap_or_else(PoisonError::into_inner);
-                // The first count since the last drain queues the one write that drains them.
-                if counts.is_empty() {
-                    let pending = Arc::clone(cached);
-                    db.writer().submit_lazy("cached usage", move |tx| {
-                        let counts = std::mem::take(
-                            &mut *pending.lock().unwrap_or_else(PoisonError::into_inner),
-                        );
-                        for ((key, day), images) in counts {
-                            let tally = Tally {
-                                cached: images,
-                                ..Tally::default()
-                            };
-                            sql::add_usage(tx, &key, day, &tally)?;
-                        }
-                        Ok(())
-                    });
-                }
-                *counts.entry((key, day)).or_default() += u64::from(images);
+                *CachedCounts::lock(cached)
+                    .counts
+                    .entry((key, day))
+                    .or_default() += u64::from(images);
+                // Outside the lock: a refused write calls back at once and takes it.
+                CachedCounts::drain(cached, db.writer());
             }
         }
     }

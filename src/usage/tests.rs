@@ -634,3 +634,27 @@ async fn an_unwaited_commit_settles_at_once_and_is_durable_by_close() {
     assert!((usage.budget.unwrap().spent - 3.0).abs() < 1e-9);
     ledger.close().await;
 }
+
+#[tokio::test]
+async fn cached_counts_whose_write_failed_are_kept_and_written_by_the_next_one() {
+    let (ledger, _dir, path) = sqlite_ledger(midday()).await;
+    let l = limits(1, 1, None);
+    // Another connection moves the table away, so the write carrying the counts fails.
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other
+        .execute_batch("ALTER TABLE usage_daily RENAME TO usage_daily_away")
+        .unwrap();
+    ledger.record_cached("team", MODEL, "1024x1024", "hd", 3);
+    // The flush's transaction carries the counts' write: failed by the time it returns.
+    ledger.check_writable().await.unwrap();
+    other
+        .execute_batch("ALTER TABLE usage_daily_away RENAME TO usage_daily")
+        .unwrap();
+    ledger.record_cached("team", MODEL, "1024x1024", "hd", 2);
+    let usage = client_usage(&ledger, "team", &l).await;
+    assert_eq!(
+        usage.today.cached, 5,
+        "the 3 of the failed write were put back, not lost"
+    );
+    ledger.close().await;
+}
