@@ -395,11 +395,24 @@ async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection.into_owned());
+        let (builder, service) = (builder.clone(), TowerToHyperService::new(router.clone()));
+        let (watcher, stop) = (graceful.watcher(), stop.clone());
         connections.spawn(async move {
-            if let Err(e) = connection.await {
+            // hyper's header timer starts at the first byte: a connection that never sends
+            // one would be held open forever. It gets the same time for its first byte.
+            // A peek, since `readable()` reports a fresh socket ready before any byte came.
+            let mut first = [0u8; 1];
+            tokio::select! {
+                peeked = tokio::time::timeout(header_timeout, stream.peek(&mut first)) => {
+                    // Nothing in time, an error, or an orderly close (0 bytes).
+                    if !matches!(peeked, Ok(Ok(1..))) {
+                        return;
+                    }
+                }
+                () = stop.cancelled() => return,
+            }
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(connection.into_owned()).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });

@@ -102,6 +102,26 @@ impl ApiError {
         .with_code("unsupported_media_type")
     }
 
+    pub fn unsupported_encoding() -> Self {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorType::InvalidRequest,
+            "Content-Encoding is not supported: send the JSON body uncompressed.",
+        )
+        .with_code("unsupported_media_type")
+    }
+
+    /// 408 for a body that did not arrive within `server.body_read_timeout_secs`: the
+    /// client stalled, not the gateway, so not a 5xx.
+    pub fn body_timeout() -> Self {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            ErrorType::InvalidRequest,
+            "The request body did not arrive in time.",
+        )
+        .with_code("body_timeout")
+    }
+
     pub fn request_too_large(limit: usize) -> Self {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

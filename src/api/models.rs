@@ -2,6 +2,7 @@
 
 use axum::Extension;
 use axum::Json;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use serde::Serialize;
 
@@ -27,8 +28,12 @@ pub struct ModelObject {
 pub async fn get_model(
     State(state): State<AppState>,
     Extension(client): Extension<AuthenticatedClient>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<ModelObject>, ApiError> {
+    // An id that is not UTF-8 once percent-decoded names no model: the same 404.
+    let Ok(Path(id)) = id else {
+        return Err(ApiError::model_not_found("(not UTF-8)"));
+    };
     let runtime = state.runtime();
     match runtime.models.get(&id) {
         Some(model) if client.may_use(model.name()) => Ok(Json(ModelObject {

@@ -1,6 +1,7 @@
 //! `GET /v1/tasks/{id}`: an async task as its client sees it.
 
 use axum::Extension;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -13,8 +14,12 @@ use crate::tasks::{POLL_HINT, TaskView};
 pub async fn get_task(
     State(state): State<AppState>,
     Extension(client): Extension<AuthenticatedClient>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Response {
+    // An id that is not UTF-8 once percent-decoded names no task: the same 404 as any other.
+    let Ok(Path(id)) = id else {
+        return ApiError::task_not_found().into_response();
+    };
     // Polls have their own light limit and cost no request or image units.
     if let Err(e) = state.limits.check_poll(&client.id) {
         let headers = e.headers().cloned();

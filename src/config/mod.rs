@@ -123,6 +123,7 @@ impl Config {
                 "server.header_read_timeout_secs",
                 s.header_read_timeout_secs,
             ),
+            ("server.body_read_timeout_secs", s.body_read_timeout_secs),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be at least 1"));

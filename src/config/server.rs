@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -16,8 +17,11 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Whole-request deadline; must exceed every upstream's `timeout_secs`.
     pub request_timeout_secs: u64,
-    /// How long a connection may take to send its request headers (slow-loris guard).
+    /// How long a connection may take to send its request headers (slow-loris guard), and
+    /// how long a new connection may stay silent before its first byte.
     pub header_read_timeout_secs: u64,
+    /// How long a client may take to send a request's body once its headers are in.
+    pub body_read_timeout_secs: u64,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub shutdown_grace_secs: u64,
 }
@@ -30,8 +34,15 @@ impl Default for ServerConfig {
             max_body_bytes: 1024 * 1024,
             request_timeout_secs: 300,
             header_read_timeout_secs: 10,
+            body_read_timeout_secs: 30,
             shutdown_grace_secs: 30,
         }
+    }
+}
+
+impl ServerConfig {
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.body_read_timeout_secs)
     }
 }
 

@@ -8,6 +8,8 @@ enum Auth {
     Client,
     Restricted,
     Header(&'static str),
+    /// The client's valid key, then a second `Authorization` header.
+    Twice,
     Missing,
 }
 
@@ -77,6 +79,17 @@ fn cases() -> Vec<Case> {
             "trailing garbage",
             br#"{"model": "m", "prompt": "a"} x"#,
             None,
+        ),
+        // Last-wins would validate and send one prompt while a proxy in front read another.
+        raw_case(
+            "a field given twice",
+            br#"{"model": "m", "prompt": "a", "prompt": "b"}"#,
+            Some("prompt"),
+        ),
+        raw_case(
+            "a field given twice, the second valid",
+            br#"{"n": 99, "model": "m", "prompt": "a", "n": 1}"#,
+            Some("n"),
         ),
         json_case(
             "missing prompt",
@@ -332,6 +345,16 @@ fn cases() -> Vec<Case> {
             ..json_case("empty bearer key", with("n", json!(1)), 401, None)
         },
         Case {
+            auth: Auth::Twice,
+            code: Some("invalid_api_key"),
+            ..json_case(
+                "two Authorization headers, the first valid",
+                with("n", json!(1)),
+                401,
+                None,
+            )
+        },
+        Case {
             method: "GET",
             body: Vec::new(),
             content_type: None,
@@ -385,6 +408,9 @@ async fn every_bad_input_gets_an_openai_error_with_the_right_status_and_no_upstr
             Auth::Client => request.bearer_auth(&app.client_key),
             Auth::Restricted => request.bearer_auth(&app.other_client_key),
             Auth::Header(value) => request.header("authorization", *value),
+            Auth::Twice => request
+                .bearer_auth(&app.client_key)
+                .header("authorization", "Bearer sk-another"),
             Auth::Missing => request,
         };
         let response = request.send().await.unwrap();

@@ -8,7 +8,7 @@ use async_openai::types::images::{
 use base64::Engine;
 use serde_json::{Value, json};
 
-use crate::helpers::{MODEL, body, spawn_app};
+use crate::helpers::{MODEL, body, error_body, spawn_app};
 
 fn openai_client(base_url: &str, key: &str) -> Client<OpenAIConfig> {
     Client::with_config(
@@ -228,6 +228,16 @@ async fn models_lists_only_what_the_client_may_use() {
         restricted.models().retrieve("other-model").await.is_err(),
         "not this client's"
     );
+    // An id that is not UTF-8 once decoded: a JSON 404 like any unknown model.
+    let not_utf8 = app
+        .http
+        .get(app.url("/v1/models/%FF"))
+        .bearer_auth(&app.client_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_utf8.status(), 404);
+    assert_eq!(error_body(not_utf8).await["code"], "model_not_found");
 
     let response = app
         .generate_as(

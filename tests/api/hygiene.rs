@@ -66,30 +66,82 @@ async fn a_slow_loris_connection_is_closed_after_the_header_read_timeout() {
     assert!(elapsed < Duration::from_secs(3), "closed after {elapsed:?}");
 }
 
-#[tokio::test]
-async fn a_request_whose_body_trickles_in_is_cut_at_the_request_timeout_with_504() {
-    let app = spawn_app_with(MockOptions::default(), |c| {
-        c.upstreams[0].timeout_secs = 1;
-        c.server.request_timeout_secs = 2;
-    })
-    .await;
+/// Sends `head` (and whatever body bytes it carries) on a fresh connection and returns the
+/// first answer the gateway writes, or panics if none comes within 10 s.
+async fn raw_exchange(app: &crate::helpers::TestApp, head: &[u8]) -> String {
     let mut stream = TcpStream::connect(app.addr).await.unwrap();
-    let head = format!(
-        "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{",
-        app.client_key
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let started = Instant::now();
+    stream.write_all(head).await.unwrap();
     let mut buf = vec![0u8; 4096];
     let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
         .await
         .expect("the gateway answers before the test gives up")
         .unwrap();
-    let text = String::from_utf8_lossy(&buf[..n]);
-    assert!(text.starts_with("HTTP/1.1 504"), "{text}");
-    assert!(text.contains("request_timeout"), "{text}");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn a_body_that_stalls_gets_408_at_the_body_read_timeout_not_a_5xx_at_the_request_deadline() {
+    let app = spawn_app_with(MockOptions::default(), |c| {
+        c.server.body_read_timeout_secs = 1;
+        c.server.request_timeout_secs = 30;
+    })
+    .await;
+    let head = format!(
+        "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{",
+        app.client_key
+    );
+    let started = Instant::now();
+    let text = raw_exchange(&app, head.as_bytes()).await;
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("\"code\":\"body_timeout\""), "{text}");
     assert!(started.elapsed() < Duration::from_secs(4));
     assert_eq!(app.mock.call_count(), 0);
+}
+
+#[tokio::test]
+async fn a_declared_length_over_the_limit_is_refused_at_once_and_a_compressed_body_is_refused() {
+    let app = spawn_app().await;
+    let head = |extra: &str| {
+        format!(
+            "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\n{extra}\r\n",
+            app.client_key
+        )
+    };
+    // No body byte follows: the answer can only come from the declared length.
+    let started = Instant::now();
+    let text = raw_exchange(&app, head("Content-Length: 10000000000\r\n").as_bytes()).await;
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("request_too_large"), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    let json = serde_json::to_vec(&body("gzip")).unwrap();
+    let request = format!(
+        "{}{}",
+        head(&format!(
+            "Content-Encoding: gzip\r\nContent-Length: {}\r\n",
+            json.len()
+        )),
+        String::from_utf8(json).unwrap()
+    );
+    let text = raw_exchange(&app, request.as_bytes()).await;
+    assert!(text.starts_with("HTTP/1.1 415"), "{text}");
+    assert!(text.contains("Content-Encoding"), "{text}");
+    assert_eq!(app.mock.call_count(), 0);
+}
+
+#[tokio::test]
+async fn a_connection_that_never_sends_a_byte_is_closed_after_the_header_read_timeout() {
+    let app = spawn_app_with(MockOptions::default(), |c| {
+        c.server.header_read_timeout_secs = 1
+    })
+    .await;
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "a silent connection still open after 10 s");
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(3), "closed after {elapsed:?}");
 }
 
 #[tokio::test]

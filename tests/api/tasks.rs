@@ -152,6 +152,9 @@ async fn a_task_is_visible_only_to_its_client_and_unknown_ids_are_404() {
         "task_00000000000000000000000000000000".to_owned(),
         "task_nope".to_owned(),
         format!("{id}x"),
+        // Not UTF-8 once decoded: the router's own rejection was a text/plain 400.
+        "%FF".to_owned(),
+        "%C0%AF".to_owned(),
     ] {
         let response = get_task(&app, &app.client_key, &unknown).await;
         assert_eq!(response.status(), 404, "{unknown}");
