@@ -46,17 +46,15 @@ async fn a_well_formed_client_request_id_is_kept_and_a_bad_one_replaced() {
     );
 }
 
-#[tokio::test]
-async fn a_slow_loris_connection_is_closed_after_the_header_read_timeout() {
+/// Connects, sends `sent` (maybe nothing), and asserts the gateway closes the connection
+/// on its own within 3 s, with `header_read_timeout_secs = 1`.
+async fn closed_after_the_header_read_timeout(sent: &[u8]) {
     let app = spawn_app_with(MockOptions::default(), |c| {
         c.server.header_read_timeout_secs = 1
     })
     .await;
     let mut stream = TcpStream::connect(app.addr).await.unwrap();
-    stream
-        .write_all(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-        .await
-        .unwrap();
+    stream.write_all(sent).await.unwrap();
     let started = Instant::now();
     let mut buf = Vec::new();
     // The server must end the connection on its own; the outer timeout only bounds the test.
@@ -64,6 +62,20 @@ async fn a_slow_loris_connection_is_closed_after_the_header_read_timeout() {
     assert!(read.is_ok(), "connection still open after 10 s");
     let elapsed = started.elapsed();
     assert!(elapsed < Duration::from_secs(3), "closed after {elapsed:?}");
+}
+
+#[tokio::test]
+async fn a_slow_loris_connection_is_closed_after_the_header_read_timeout() {
+    closed_after_the_header_read_timeout(
+        b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nX-Slow: ",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_connection_that_never_sends_a_byte_is_closed_after_the_header_read_timeout() {
+    // hyper's own header timer starts at the first byte; the gateway's peek covers this.
+    closed_after_the_header_read_timeout(b"").await;
 }
 
 /// Sends `head` (and whatever body bytes it carries) on a fresh connection and returns the
@@ -127,21 +139,6 @@ async fn a_declared_length_over_the_limit_is_refused_at_once_and_a_compressed_bo
     assert!(text.starts_with("HTTP/1.1 415"), "{text}");
     assert!(text.contains("Content-Encoding"), "{text}");
     assert_eq!(app.mock.call_count(), 0);
-}
-
-#[tokio::test]
-async fn a_connection_that_never_sends_a_byte_is_closed_after_the_header_read_timeout() {
-    let app = spawn_app_with(MockOptions::default(), |c| {
-        c.server.header_read_timeout_secs = 1
-    })
-    .await;
-    let mut stream = TcpStream::connect(app.addr).await.unwrap();
-    let started = Instant::now();
-    let mut buf = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await;
-    assert!(read.is_ok(), "a silent connection still open after 10 s");
-    let elapsed = started.elapsed();
-    assert!(elapsed < Duration::from_secs(3), "closed after {elapsed:?}");
 }
 
 #[tokio::test]
